@@ -1,0 +1,313 @@
+"""model.py: loading models, the offline `tiny` world, and exact response scoring.
+
+What this file owns
+-------------------
+1. `load(name)`: any Hugging Face causal LM by hub id or local directory, plus two
+   presets that need no network:
+     - "tiny": a few-M-parameter Qwen3 with a byte-level BPE tokenizer built in code
+       (vocabulary: the 256 byte symbols + whole-word merges for the words of the CPU lab
+       and of the teacher prompt), a ChatML chat template, and distinct pad / EOS tokens.
+       Saved with `save_pretrained` it is an ordinary checkpoint that
+       `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load.
+     - "random:<hub id>": the real architecture of Qwen3-4B-Instruct-2507, Qwen3-8B or
+       Qwen3-30B-A3B with random weights (configs written below), for benchmarks at real
+       size. Its tokenizer is the tiny one (token ids are all < 151k, so that is fine for
+       timing; nobody reads the text of a random model).
+2. `response_logprobs(...)`: the log-probability of each *given* response token under the
+   temperature-scaled next-token distribution, and optionally that distribution's entropy.
+
+   AntiSD's signal is the difference of two such scores of the same tokens under two
+   prompts (u_t = log pi(y_t | x, c, y_<t) - log pi(y_t | x, y_<t)), so an off-by-one
+   here would train on noise without crashing. The layout, for a row with prompt length
+   P and response length L (prompts are LEFT-padded so every response starts at the
+   same column Lp = max prompt length):
+
+       column:   0 .. Lp-P-1 | Lp-P .. Lp-1 | Lp .. Lp+L-1 | Lp+L .. Lp+T-1
+       content:  pad          | prompt       | response     | pad
+       logits at column c predict the token at column c+1, so response token j is
+       scored by the hidden state at column Lp-1+j.
+
+   Only those T hidden states per row go through the output head, in chunks of
+   `chunk_size` positions, so memory never holds (N, L, V) logits: with V = 151,936 and
+   T = 4096 that would be 2.5 GB per row in fp32. Log-softmax and entropy are taken in
+   fp32 whatever the model dtype (SPEC section 1 step 6).
+
+Shapes: N rows, P prompt length, T response length (padded), V vocabulary, D hidden.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.utils.checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+# ---------------------------------------------------------------------------------------
+# The tiny tokenizer: byte-level BPE (like Qwen's and GPT-2's) so any text round-trips
+# exactly, with whole-word merges for the words the lab and the teacher prompt use, so
+# those are single tokens and sequences stay short.
+# ---------------------------------------------------------------------------------------
+
+PAD, EOS, IM_START = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
+THINK, END_THINK = "<think>", "</think>"
+SPECIAL_TOKENS = [PAD, IM_START, EOS, THINK, END_THINK]
+
+# The tokenizer is a real byte-level BPE *trained* (in ~5 ms, deterministically) on a tiny
+# corpus of the words the lab and the teacher prompt use, so those words become single
+# tokens (with and without a leading space) and sequences stay short; anything else still
+# round-trips exactly through the 256 byte symbols.
+_WORDS = (
+    "Which pair sums to Let me check each try them Wait double So the answer is The Maybe "
+    "yes no not it Yes No Your previous attempt Previous assessment correct incorrect Now "
+    "solve this problem step by Solve following math Place final in user assistant system "
+    "boxed Alternatively holds Given Therefore first second third and or of "
+    "a an as at be for if on that then with we you I right wrong A B C D E F G H"
+).split() + [str(i) for i in range(31)]
+_SNIPPETS = ["\\boxed{A}.", "\\boxed{B},", "A: 4 + 9 = 13, yes.", "B: 2 7, C: 5 5?", "\n\n", "\n", "!"]
+TINY_VOCAB_SIZE = 700  # BPE target size before the special tokens (the trainer stops earlier if it runs out of pairs)
+
+
+# The chat template: ChatML as Qwen uses it. `enable_thinking=False` appends an empty think
+# block to the generation prompt, exactly as Qwen3's template does, so code written for
+# thinking models runs unchanged on the tiny one.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer built in code (no files, no network, a few ms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [v for w in _WORDS for v in (w, " " + w, "\n" + w)] * 3 + _SNIPPETS * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 byte symbols: nothing is unknown
+    )  # fmt: skip
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Model configs. The real ones are copied from the models' config.json on the hub so that
+# `random:` benchmarks run the exact shapes without downloading anything.
+# ---------------------------------------------------------------------------------------
+
+TINY_CONFIG = dict(
+    hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, rope_theta=10000.0,
+    tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.02,
+)  # fmt: skip
+
+REAL_CONFIGS = {
+    "Qwen/Qwen3-4B-Instruct-2507": dict(
+        model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=262144, rope_theta=5000000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "Qwen/Qwen3-8B": dict(
+        model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "Qwen/Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+    ),
+}  # fmt: skip
+
+
+def _rope(kw: dict) -> dict:
+    """transformers 5.x takes rope settings as `rope_parameters`; keep the hub-style key above."""
+    kw = dict(kw)
+    theta = kw.pop("rope_theta")
+    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    return kw
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Qwen3Config:
+    kw = _rope({**TINY_CONFIG, **overrides})
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **kw,
+    )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, seed: int = 0, **from_pretrained_kw):
+    """Return (model, tokenizer) for a preset, a local directory, or a hub id.
+
+    name: "tiny" | "random:<hub id in REAL_CONFIGS>" | local dir | hub id.
+    dtype: default fp32 for "tiny" and on CPU, bf16 on GPU otherwise.
+    seed: initialises the random weights of the presets (the same seed gives the same model).
+    Extra keyword arguments go to `from_pretrained` (e.g. distributed_config for tensor parallel).
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    if dtype is None:
+        dtype = torch.float32 if (name == "tiny" or device.type == "cpu") else torch.bfloat16
+    if name == "tiny" or name.startswith("random:"):
+        tok = build_tiny_tokenizer()
+        if name == "tiny":
+            config = tiny_config(tok)
+        else:
+            hub_id = name.split(":", 1)[1]
+            if hub_id not in REAL_CONFIGS:
+                raise ValueError(f"load: unknown random preset {name!r}; known: {', '.join('random:' + k for k in REAL_CONFIGS)}")
+            from transformers import AutoConfig
+
+            kw = _rope(REAL_CONFIGS[hub_id])
+            model_type = kw.pop("model_type")
+            config = AutoConfig.for_model(model_type, **kw)
+            config.pad_token_id = tok.pad_token_id  # tiny tokenizer ids are valid in a 151k vocabulary
+        torch.manual_seed(seed)  # NOTE: reseeds the global RNG; presets are for tests and benchmarks
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        return model.eval(), tok
+    # A local directory or a hub id. Local paths that do not exist are a clear error, not a
+    # confusing hub lookup.
+    if (name.startswith(".") or name.startswith("/")) and not os.path.isdir(name):
+        raise FileNotFoundError(f"load: model directory {name!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # e.g. Llama-style tokenizers; never reuse EOS as pad (SPEC section 5)
+        raise ValueError(f"load: tokenizer of {name!r} has no pad token; add one before training")
+    if "device_map" not in from_pretrained_kw and "distributed_config" not in from_pretrained_kw:
+        from_pretrained_kw["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **from_pretrained_kw)
+    return model.eval(), tok
+
+
+def save(model, tokenizer, path: str) -> None:
+    """HF-format checkpoint (safetensors) from the raw module, never a compiled/wrapped one."""
+    raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; save the underlying module
+    raw.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Batching helpers shared with the sampler.
+# ---------------------------------------------------------------------------------------
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists. Returns ids (N, P) and an attention mask (N, P) built from lengths."""
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (N,)
+    if (lens == 0).any():
+        raise ValueError("left_pad: empty prompt (every prompt needs at least one token)")
+    P = int(lens.max())
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+    mask = torch.arange(P)[None, :] >= (P - lens)[:, None]  # (N, P) True on real tokens
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (N, L) counting real tokens only: a left-padded row starts at 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _decoder_and_head(model):
+    """The transformer body (returns hidden states) and the output head of a causal LM."""
+    raw = getattr(model, "_orig_mod", model)
+    return getattr(raw, raw.base_model_prefix), raw.get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring.
+# ---------------------------------------------------------------------------------------
+
+
+def _chunk_logp(head, h: torch.Tensor, tgt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(head(h) / temperature) at the target ids, in fp32. h (N, c, D), tgt (N, c) -> (N, c)."""
+    logits = head(h).float() / temperature  # (N, c, V)
+    return logits.gather(-1, tgt[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_logprobs(
+    model,
+    prompts: list[list[int]],
+    responses: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (and entropies) of given response tokens under their own prompts.
+
+    prompts:   N token-id lists of any lengths (left-padded here).
+    responses: (N, T) long, right-padded; tokens at or beyond a row's length are ignored.
+    lengths:   (N,) response lengths.
+    Returns logp (N, T) fp32 = log softmax(logits / temperature)[y_t], and entropy (N, T) fp32
+    of that same distribution (or None); both exactly 0 at positions >= length.
+    Gradients flow into logp when the caller has grad enabled (the policy loss uses this).
+    """
+    N, T = responses.shape
+    assert len(prompts) == N and lengths.shape == (N,), (len(prompts), responses.shape, lengths.shape)
+    assert temperature > 0, "response_logprobs: temperature must be > 0 (greedy has no log-probs)"
+    device = next(model.parameters()).device
+    body, head = _decoder_and_head(model)
+    pad_id = 0  # any id: padded positions are masked out of attention and out of the result
+    p_ids, p_mask = left_pad(prompts, pad_id, device)  # (N, P)
+    P = p_ids.shape[1]
+    lengths = lengths.to(device)
+    r_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (N, T)
+    r_ids = torch.where(r_mask, responses.to(device), torch.zeros_like(responses, device=device))
+    ids = torch.cat([p_ids, r_ids], dim=1)  # (N, P+T)
+    attn = torch.cat([p_mask, r_mask], dim=1)  # (N, P+T)
+    hidden = body(input_ids=ids, attention_mask=attn.long(), position_ids=positions_from_mask(attn), use_cache=False).last_hidden_state
+    # The hidden state at column c predicts column c+1: response token j <- column P-1+j.
+    h = hidden[:, P - 1 : P - 1 + T]  # (N, T, D)
+    # Under grad, autograd would keep every chunk's (N, c, V) logits alive for the backward
+    # pass, which is the (N, T, V) tensor we avoid; checkpointing each chunk keeps only h and
+    # recomputes that chunk's logits during backward.
+    use_ckpt = torch.is_grad_enabled() and h.requires_grad
+    logps, ents = [], []
+    for s in range(0, T, chunk_size):  # only response positions reach the head, chunk by chunk
+        h_c, tgt = h[:, s : s + chunk_size], r_ids[:, s : s + chunk_size]  # (N, c, D), (N, c)
+        if use_ckpt:
+            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logp, head, h_c, tgt, temperature, use_reentrant=False))
+        else:
+            logps.append(_chunk_logp(head, h_c, tgt, temperature))  # (N, c)
+        if with_entropy:
+            with torch.no_grad():  # entropy is a statistic (the gate's), never differentiated
+                lp = torch.log_softmax(head(h_c).float() / temperature, dim=-1)  # (N, c, V)
+                ents.append(-(lp.exp() * lp).sum(-1))  # (N, c)
+                del lp
+    zero = torch.zeros((), device=device)
+    logp = torch.where(r_mask, torch.cat(logps, dim=1), zero)  # (N, T)
+    ent = torch.where(r_mask, torch.cat(ents, dim=1), zero) if with_entropy else None  # (N, T)
+    return logp, ent

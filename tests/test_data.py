@@ -1,0 +1,286 @@
+"""data.py: loaders on fixtures in each dataset's real column layout, errors, dedup, the prompt."""
+
+import json
+import os
+import sys
+
+import pytest
+
+import data
+from data import DataError, load_problems
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def fx(name):
+    return os.path.join(FIX, name)
+
+
+# --- every registered dataset, from a local file in its own layout ---------------------
+
+EXPECTED = {  # name -> (rows, kept, first id, first answer)
+    "dapo": (10, 3, "uuid-0000", "7"),
+    "aime24": (3, 3, "60", "5"),
+    "aime25": (2, 2, "1", "10"),
+    "aime26": (2, 2, "1", "70"),  # int64 answers become strings
+    "hmmt25": (2, 2, "1", "\\frac{3}{4}"),
+    "minerva": (3, 3, "0", "3"),  # no id column: the row index
+    "math500": (2, 2, "test/precalculus/807.json", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    "gsm8k": (2, 2, "0", "72"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_benchmark_fixture(name):
+    rows, kept, first_id, first_answer = EXPECTED[name]
+    problems, report = load_problems(f"{name}={fx(name + '.jsonl')}", verbose=False)
+    assert (report["rows"], report["kept"], len(problems)) == (rows, kept, kept)
+    assert problems[0]["id"] == first_id and problems[0]["answer"] == first_answer
+    assert report["k"] == data.SOURCES[name].k
+    for p in problems:
+        assert set(p) <= {"id", "problem", "answer", "solution"}
+        assert all(isinstance(p[f], str) and p[f] for f in ("id", "problem", "answer"))
+    assert len({p["id"] for p in problems}) == len(problems)
+
+
+def test_paper_protocol_k():
+    assert [data.SOURCES[n].k for n in ("aime24", "aime25", "aime26", "hmmt25", "minerva")] == [32, 32, 32, 32, 4]
+
+
+def test_dapo_unwraps_prompt_and_counts_duplicates(capsys):
+    problems, report = load_problems(f"dapo={fx('dapo.jsonl')}")
+    assert [p["problem"] for p in problems] == [
+        "What is $3+4$?",
+        "Find the remainder when $2^{10}$ is divided by $7$.",
+        "How many positive divisors does $12$ have?",
+    ]
+    assert [p["answer"] for p in problems] == ["7", "2", "6"]
+    # 3 problems x 3 copies + 1 copy (extra whitespace) with a different answer: 7 dropped, 1 conflict
+    assert (report["duplicates"], report["conflicts"], report["skipped"], report["unwrapped"]) == (7, 1, 0, 0)
+    line = capsys.readouterr().out
+    assert "10 rows -> 3 problems" in line and "7 duplicates dropped" in line and "1 of them with a different answer" in line
+    assert "Answer:" not in problems[0]["problem"]
+
+
+def test_dapo_unwrap_keeps_unwrapped_and_counts(tmp_path):
+    p = tmp_path / "d.jsonl"
+    row = {"prompt": [{"role": "user", "content": "Plain problem?"}], "reward_model": {"ground_truth": "1"}, "extra_info": {"index": 3}}
+    p.write_text(json.dumps(row) + "\n")
+    problems, report = load_problems(f"dapo={p}", verbose=False)
+    assert problems == [{"id": "3", "problem": "Plain problem?", "answer": "1"}]
+    assert report["unwrapped"] == 1
+
+
+def test_dedup_off_and_limit():
+    problems, report = load_problems(f"dapo={fx('dapo.jsonl')}", dedup=False, verbose=False)
+    assert len(problems) == 10 and report["duplicates"] == 0
+    problems, _ = load_problems(f"dapo={fx('dapo.jsonl')}", limit=2, verbose=False)
+    assert len(problems) == 2
+
+
+def test_gsm8k_splits_solution_and_strips_thousands():
+    problems, _ = load_problems(f"gsm8k={fx('gsm8k.jsonl')}", verbose=False)
+    assert problems[0]["answer"] == "72" and "<<48/2=24>>" in problems[0]["solution"]
+    assert problems[1]["answer"] == "1200"
+
+
+def test_generic_jsonl_and_json():
+    problems, report = load_problems(fx("generic.jsonl"), verbose=False)
+    assert report["name"] == "generic" and report["k"] == data.GENERIC_K
+    assert problems == [
+        {"id": "p1", "problem": "What is $1+1$?", "answer": "2", "solution": "$1+1=2$."},
+        {"id": "1", "problem": "What is $2 \\cdot 3$?", "answer": "6"},
+    ]
+    problems, _ = load_problems(fx("generic.json"), verbose=False)
+    assert [(p["id"], p["answer"]) for p in problems] == [("0", "7"), ("5", "4")]
+
+
+def test_repeated_ids_are_made_unique(tmp_path):
+    p = tmp_path / "ids.jsonl"
+    p.write_text("".join(json.dumps({"id": 1, "problem": f"Q{i}", "answer": "1"}) + "\n" for i in range(3)))
+    problems, _ = load_problems(str(p), verbose=False)
+    assert [q["id"] for q in problems] == ["1", "1#1", "1#2"]
+
+
+# --- malformed input: errors name file and row ------------------------------------------
+
+
+def test_malformed_file_names_file_and_row():
+    with pytest.raises(DataError) as e:
+        load_problems(fx("malformed.jsonl"), verbose=False)
+    msg = str(e.value)
+    assert "malformed.jsonl" in msg and "row 2" in msg and "line 3" in msg and "missing field 'answer'" in msg
+
+
+def test_malformed_skip_counts_every_bad_row():
+    problems, report = load_problems(fx("malformed.jsonl"), on_error="skip", verbose=False)
+    assert len(problems) == 2 and report["skipped"] == 3
+    reasons = "\n".join(report["skip_reasons"])
+    assert "row 2" in reasons and "missing field 'answer'" in reasons
+    assert "row 3" in reasons and "'answer' is empty" in reasons
+    assert "row 4" in reasons and "'problem' must be a string" in reasons
+
+
+@pytest.mark.parametrize(
+    "row, spec, needle",
+    [
+        ({"problem": "Q", "answer": None}, None, "'answer' must be a string"),
+        ({"problem": "Q", "answer": True}, None, "got bool"),
+        ({"problem": "", "answer": "1"}, None, "'problem' is empty"),
+        ({"problem": "Q", "answer": "1", "solution": 3}, None, "'solution' must be a string"),
+        ({"problem": "Q", "answer": "1", "id": [1]}, None, "'id' must be"),
+        ({"prompt": "not a list", "reward_model": {"ground_truth": "1"}}, "dapo", "list of chat messages"),
+        ({"prompt": [{"role": "user", "content": "Q"}], "reward_model": {}}, "dapo", "reward_model.ground_truth"),
+        ({"question": "Q", "answer": "no marker"}, "gsm8k", "####"),
+        ({"problem_idx": 1, "problem": "Q"}, "aime26", "missing field 'answer'"),
+        ({"question": "Q"}, "minerva", "missing field 'answer'"),
+    ],
+)
+def test_malformed_rows(tmp_path, row, spec, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"problem": "fine", "answer": "1", "question": "fine", "problem_idx": 0}) + "\n" + json.dumps(row) + "\n")
+    if spec == "dapo":  # the good first row in dapo's layout
+        good = {"prompt": [{"role": "user", "content": "fine"}], "reward_model": {"ground_truth": "1"}}
+        p.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    if spec == "gsm8k":
+        p.write_text(json.dumps({"question": "fine", "answer": "x\n#### 1"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        load_problems(f"{spec}={p}" if spec else str(p), verbose=False)
+    assert str(p) in str(e.value) and "row 1" in str(e.value) and needle in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    p = tmp_path / "broken.jsonl"
+    p.write_text('{"problem": "Q", "answer": "1"}\n{not json\n')
+    with pytest.raises(DataError, match=r"broken.jsonl: row 1 \(line 2\): not valid JSON"):
+        load_problems(str(p), verbose=False)
+    q = tmp_path / "list.jsonl"
+    q.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="row 0.*expected a JSON object"):
+        load_problems(str(q), verbose=False)
+    r = tmp_path / "x.json"
+    r.write_text('{"a": 1}')
+    with pytest.raises(DataError, match="list of objects"):
+        load_problems(str(r), verbose=False)
+    (tmp_path / "x.csv").write_text("problem,answer\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_problems(f"aime24={tmp_path / 'x.csv'}", verbose=False)
+    with pytest.raises(FileNotFoundError):
+        load_problems(str(tmp_path / "missing.jsonl"), verbose=False)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_problems("aime2030", verbose=False)
+    with pytest.raises(ValueError, match="unknown dataset layout"):
+        load_problems(f"nope={p}", verbose=False)
+    with pytest.raises(ValueError, match="on_error"):
+        load_problems(str(p), on_error="ignore", verbose=False)
+
+
+# --- parquet (optional extra) -------------------------------------------------------------
+
+
+def test_parquet_in_real_layout(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(fx("dapo.jsonl"))]
+    path = tmp_path / "dapo-math-17k.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)  # nested prompt list + reward_model struct, as on the hub
+    problems, report = load_problems(f"dapo={path}", verbose=False)
+    assert report["kept"] == 3 and report["duplicates"] == 7 and problems[0]["problem"] == "What is $3+4$?"
+    rows = [json.loads(line) for line in open(fx("aime26.jsonl"))]
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    problems, _ = load_problems(f"aime26={path}", verbose=False)
+    assert [p["answer"] for p in problems] == ["70", "0"]
+
+
+def test_parquet_without_pyarrow_or_pandas_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        load_problems(str(path), verbose=False)
+
+
+# --- the hub path (network replaced by a local snapshot folder) ----------------------------
+
+
+def _fake_snapshot(tmp_path, layout):
+    """A folder laid out like the dataset repo: {relative path: fixture file}."""
+    for rel, src in layout.items():
+        dst = tmp_path / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(open(fx(src)).read())
+    return str(tmp_path)
+
+
+def test_hub_download_uses_split_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    root = _fake_snapshot(tmp_path, {"test.jsonl": "math500.jsonl", "README.md": "generic.jsonl"})
+    calls = []
+
+    def fake_snapshot_download(**kw):
+        calls.append(kw)
+        return root
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    problems, report = load_problems("math500", verbose=False)
+    assert calls[0]["repo_id"] == "HuggingFaceH4/MATH-500" and calls[0]["repo_type"] == "dataset"
+    assert calls[0]["allow_patterns"] == ["test.jsonl"]
+    assert report["files"] == [os.path.join(root, "test.jsonl")] and len(problems) == 2
+    # the hub id works as a spec too
+    assert load_problems("HuggingFaceH4/MATH-500", verbose=False)[1]["name"] == "math500"
+
+
+def test_local_snapshot_folder(tmp_path):
+    root = _fake_snapshot(tmp_path, {"test.jsonl": "minerva.jsonl"})
+    problems, report = load_problems(f"minerva={root}", verbose=False)  # minerva's files pattern is "test*"
+    assert len(problems) == 3
+    with pytest.raises(FileNotFoundError, match="no files matching"):
+        load_problems(f"aime24={root}", verbose=False)
+
+
+def test_hub_offline_error_says_what_to_do(monkeypatch):
+    import huggingface_hub
+
+    def offline(**kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="aime24=PATH") as e:
+        load_problems("aime24", verbose=False)
+    assert "HuggingFaceH4/aime_2024" in str(e.value)
+
+
+# --- the prompt ----------------------------------------------------------------------------
+
+
+def test_user_text_is_the_papers_instruction():
+    assert data.INSTRUCTION == "Solve the following math problem. Place the final answer in \\boxed{}."
+    assert data.user_text("  What is 1+1?\n") == "Solve the following math problem. Place the final answer in \\boxed{}.\n\nWhat is 1+1?"
+
+
+def test_format_prompt_uses_the_chat_template():
+    from model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    ids = data.format_prompt(tok, "What is 2 + 2?")
+    assert isinstance(ids, list) and all(type(t) is int for t in ids)  # not a BatchEncoding
+    text = tok.decode(ids)
+    assert text == "<|im_start|>user\n" + data.user_text("What is 2 + 2?") + "<|im_end|>\n<|im_start|>assistant\n"
+    off = tok.decode(data.format_prompt(tok, "What is 2 + 2?", enable_thinking=False))
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(data.format_prompt(tok, "What is 2 + 2?", enable_thinking=True)) == text
+
+
+def test_think_prefix_for_templates_that_open_think():
+    from model import CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    assert data.think_prefix(tok, data.format_prompt(tok, "Q?")) == ""
+    assert data.think_prefix(tok, data.format_prompt(tok, "Q?", enable_thinking=False)) == ""  # empty block, closed
+    tok.chat_template = CHAT_TEMPLATE + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
+    assert data.think_prefix(tok, data.format_prompt(tok, "Q?")) == "<think>"
