@@ -27,10 +27,11 @@ What this file owns
        logits at column c predict the token at column c+1, so response token j is
        scored by the hidden state at column Lp-1+j.
 
-   Only those T hidden states per row go through the output head, in chunks of
-   `chunk_size` positions, so memory never holds (N, L, V) logits: with V = 151,936 and
-   T = 4096 that would be 2.5 GB per row in fp32. Log-softmax and entropy are taken in
-   fp32 whatever the model dtype (SPEC section 1 step 6).
+   Only the sum(lengths) real response positions go through the output head (never prompt
+   or padding positions), flattened across rows, `chunk_size` positions per head call, so
+   memory never holds (N, L, V) logits (with V = 151,936 and T = 4096 that would be 2.5 GB
+   per row in fp32), only (chunk_size, V), whatever N and T are. Log-softmax and entropy are
+   taken in fp32 whatever the model dtype (SPEC section 1 step 6).
 
 Shapes: N rows, P prompt length, T response length (padded), V vocabulary, D hidden.
 """
@@ -114,7 +115,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------------------------------
 
 TINY_CONFIG = dict(
-    hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, rope_theta=10000.0,
     tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.02,
 )  # fmt: skip
@@ -203,9 +204,9 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
     tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token is None:  # e.g. Llama-style tokenizers; never reuse EOS as pad (SPEC section 5)
         raise ValueError(f"load: tokenizer of {name!r} has no pad token; add one before training")
-    if "device_map" not in from_pretrained_kw and "distributed_config" not in from_pretrained_kw:
-        from_pretrained_kw["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **from_pretrained_kw)
+    if "distributed_config" not in from_pretrained_kw:  # (device_map= would need `accelerate`)
+        model = model.to(device)
     return model.eval(), tok
 
 
@@ -250,10 +251,21 @@ def _decoder_and_head(model):
 # ---------------------------------------------------------------------------------------
 
 
-def _chunk_logp(head, h: torch.Tensor, tgt: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(head(h) / temperature) at the target ids, in fp32. h (N, c, D), tgt (N, c) -> (N, c)."""
-    logits = head(h).float() / temperature  # (N, c, V)
-    return logits.gather(-1, tgt[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _chunk_scores(head, h: torch.Tensor, tgt: torch.Tensor, temperature: float, with_entropy: bool):
+    """One chunk of positions through the head, in fp32. h (c, D), tgt (c,) -> logp (c,), entropy (c,) or None.
+
+    logp = log softmax(head(h) / temperature)[tgt]; entropy of that distribution is
+    lse - sum_v p_v * z_v (z the scaled logits), a statistic (the gate's), never differentiated.
+    """
+    z = head(h).float() / temperature  # (c, V)
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    logp = z.gather(-1, tgt[:, None]).squeeze(-1) - lse  # (c,)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            z, lse = z.detach(), lse.detach()
+            ent = lse - (torch.exp(z - lse[:, None]) * z).sum(-1)  # (c,)
+    return logp, ent
 
 
 def response_logprobs(
@@ -271,6 +283,8 @@ def response_logprobs(
     prompts:   N token-id lists of any lengths (left-padded here).
     responses: (N, T) long, right-padded; tokens at or beyond a row's length are ignored.
     lengths:   (N,) response lengths.
+    chunk_size: positions per output-head call, over all rows together: the head never holds
+        more than (chunk_size, V) logits, whatever N and T are.
     Returns logp (N, T) fp32 = log softmax(logits / temperature)[y_t], and entropy (N, T) fp32
     of that same distribution (or None); both exactly 0 at positions >= length.
     Gradients flow into logp when the caller has grad enabled (the policy loss uses this).
@@ -278,6 +292,7 @@ def response_logprobs(
     N, T = responses.shape
     assert len(prompts) == N and lengths.shape == (N,), (len(prompts), responses.shape, lengths.shape)
     assert temperature > 0, "response_logprobs: temperature must be > 0 (greedy has no log-probs)"
+    assert chunk_size >= 1, chunk_size
     device = next(model.parameters()).device
     body, head = _decoder_and_head(model)
     pad_id = 0  # any id: padded positions are masked out of attention and out of the result
@@ -290,24 +305,24 @@ def response_logprobs(
     attn = torch.cat([p_mask, r_mask], dim=1)  # (N, P+T)
     hidden = body(input_ids=ids, attention_mask=attn.long(), position_ids=positions_from_mask(attn), use_cache=False).last_hidden_state
     # The hidden state at column c predicts column c+1: response token j <- column P-1+j.
-    h = hidden[:, P - 1 : P - 1 + T]  # (N, T, D)
-    # Under grad, autograd would keep every chunk's (N, c, V) logits alive for the backward
-    # pass, which is the (N, T, V) tensor we avoid; checkpointing each chunk keeps only h and
-    # recomputes that chunk's logits during backward.
+    # Only the M = sum(lengths) real response positions go to the head (padding never does),
+    # flattened across rows (row-major), chunk_size positions per call.
+    h = hidden[:, P - 1 : P - 1 + T][r_mask]  # (M, D)
+    tgt = r_ids[r_mask]  # (M,)
+    # Under grad, autograd would keep every chunk's (c, V) logits alive for the backward pass,
+    # which is the (M, V) tensor we avoid; checkpointing each chunk keeps only h and recomputes
+    # that chunk's logits during backward.
     use_ckpt = torch.is_grad_enabled() and h.requires_grad
-    logps, ents = [], []
-    for s in range(0, T, chunk_size):  # only response positions reach the head, chunk by chunk
-        h_c, tgt = h[:, s : s + chunk_size], r_ids[:, s : s + chunk_size]  # (N, c, D), (N, c)
+    logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]
+    for s in range(0, h.shape[0], chunk_size):
+        args = (head, h[s : s + chunk_size], tgt[s : s + chunk_size], temperature, with_entropy)  # (c, D), (c,)
         if use_ckpt:
-            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logp, head, h_c, tgt, temperature, use_reentrant=False))
+            lp, ent = torch.utils.checkpoint.checkpoint(_chunk_scores, *args, use_reentrant=False)
         else:
-            logps.append(_chunk_logp(head, h_c, tgt, temperature))  # (N, c)
-        if with_entropy:
-            with torch.no_grad():  # entropy is a statistic (the gate's), never differentiated
-                lp = torch.log_softmax(head(h_c).float() / temperature, dim=-1)  # (N, c, V)
-                ents.append(-(lp.exp() * lp).sum(-1))  # (N, c)
-                del lp
-    zero = torch.zeros((), device=device)
-    logp = torch.where(r_mask, torch.cat(logps, dim=1), zero)  # (N, T)
-    ent = torch.where(r_mask, torch.cat(ents, dim=1), zero) if with_entropy else None  # (N, T)
+            lp, ent = _chunk_scores(*args)
+        logps.append(lp)  # (c,)
+        ents.append(ent)
+    zeros = torch.zeros(N, T, dtype=torch.float32, device=device)
+    logp = zeros.masked_scatter(r_mask, torch.cat(logps))  # (N, T), exactly 0 at positions >= length
+    ent = zeros.masked_scatter(r_mask, torch.cat(ents)) if with_entropy else None  # (N, T)
     return logp, ent

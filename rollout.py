@@ -13,7 +13,9 @@ want finished rows to stop costing compute. The loop is short enough to read:
      repeat the KV cache n times (prompt-major rows: the n samples of prompt 0 first).
      Prefilling each prompt once instead of n times saves (n-1)/n of the prefill.
   2. decode: one token per step for every live row, sampled on-device from
-     softmax(logits / temperature) (optionally top-k / top-p filtered) with `generator`;
+     softmax(logits / temperature) (optionally top-k / top-p filtered) by the Gumbel-max
+     trick on uniforms drawn from `generator` for all N rows every step (so a row's tokens
+     do not depend on when finished rows were dropped: the same seed, the same tokens);
      a row that emits an EOS is finished: its EOS is part of the response and counted in
      its length, and it emits `pad_token_id` afterwards.
   3. every `prune_every` steps (the only host syncs) we look at which rows finished: stop if
@@ -82,18 +84,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. logits (A, V) -> tokens (A,), logprobs (A,) under the full scaled distribution."""
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row. logits (A, V), u (A, V) uniforms in [0, 1) (None when greedy)
+    -> tokens (A,), logprobs (A,) under the full temperature-scaled distribution.
+
+    Sampling is the Gumbel-max trick, argmax(log p + G) with G = -log(-log U): an exact sample
+    from p, also after top-k / top-p (dropped tokens have log p = -inf, and renormalising is a
+    per-row shift that does not move the argmax). A different random stream from
+    torch.multinomial (which draws exponentials, 6x slower than uniforms on CPU); the same
+    generator seed still gives the same tokens.
+    """
     logits = logits.float()
     logp_full = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (A, V)
     if temperature == 0:
         tok = logits.argmax(-1)  # (A,)
     else:
-        if top_k == 0 and top_p == 1.0:
-            probs = logp_full.exp()  # (A, V) the unfiltered distribution: no second softmax
-        else:
-            probs = filter_logits(logp_full, top_k, top_p).softmax(-1)  # (A, V) log-probs filter like logits
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (A,) no host sync
+        logp = filter_logits(logp_full, top_k, top_p)  # (A, V) log-probs rank like logits
+        gumbel = u.log().neg_().log_().neg_()  # (A, V) -log(-log U); U = 0 gives -inf: never picked
+        tok = (logp + gumbel).argmax(-1)  # (A,) no host sync
     return tok, logp_full.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -225,7 +233,13 @@ def sample(
         tokens[rows], logprobs[rows], lengths[rows], finished[rows] = a_tok, a_lp, a_len, a_done
 
     for t in range(T):
-        tok, lp = _next_token(logits, temperature, top_k, top_p, generator)  # (A,), (A,)
+        u = None
+        if temperature > 0:
+            # Uniforms for all N rows, live or not, then the live ones: a row's random stream
+            # does not depend on when other rows were dropped, so prune_every is only a speed knob.
+            u = torch.rand((N, logits.shape[-1]), generator=generator, device=device)  # (N, V)
+            u = u if rows.numel() == N else u[rows]  # (A, V)
+        tok, lp = _next_token(logits, temperature, top_k, top_p, u)  # (A,), (A,)
         tok = tok.masked_fill(a_done, pad_token_id)  # rows finished before this step emit pad
         a_tok[:, t] = tok
         a_lp[:, t] = lp.masked_fill(a_done, 0.0)

@@ -1,0 +1,250 @@
+"""lab.py: the CPU lab, a tiny world where AntiSD's argument can be watched on 2 cores.
+
+The task ("which pair sums to the target?"):
+
+    user:      Which pair sums to 11?
+               A: 4 9
+               B: 7 3
+               C: 5 6
+               D: 2 8
+    search:    Let me check each pair.
+               A: 4 + 9 = 13, no.
+               B: 7 + 3 = 10, no.
+               C: 5 + 6 = 11, yes.
+               So the answer is \\boxed{C}.
+    direct:    The answer is \\boxed{C}.
+
+How it maps onto the paper's LLM setting
+----------------------------------------
+- A *search* response is deliberation: it enumerates candidates and checks each ("Let",
+  "check", "no", sometimes a "Wait, let me double check" re-verification). Each check is
+  local arithmetic a 2M-parameter transformer learns well, so search is reliable.
+- A *direct* response is a shortcut: it names the answer at once, which requires doing all
+  the additions "in the head" in one forward pass. The tiny model only half-learns that, so
+  direct answers are often wrong.
+- The warm start (supervised, `warm_start`) mixes both styles for plain prompts, like a
+  base model that sometimes reasons and sometimes blurts. RL must learn to prefer search:
+  held-out accuracy rises as P(search) rises. GRPO learns that from the sequence reward.
+- The privileged context: the warm start also shows the model teacher-format prompts (a
+  correct previous attempt + "Your answer is correct/incorrect.", the paper's wording) and
+  there it mostly *copies* the answer directly, the way a pretrained LLM shortcuts when it
+  sees a solution. So under the teacher prompt, deliberation tokens ("Let", the "no" checks)
+  lose probability (u < 0) and shortcut tokens ("The answer is", the right letter) gain
+  (u > 0): exactly the PMI pattern the paper reports for LLMs.
+  - SD (advantage +u) therefore pushes the student towards direct answers it cannot get
+    right without the context: accuracy should fall behind GRPO.
+  - AntiSD (-phi(u)) pushes the other way, adding a per-token bonus to deliberation on top
+    of GRPO's signal: it should reach GRPO's accuracy sooner.
+
+What the lab cannot show: the copy behaviour under a solution is put in by the warm start
+(a real LLM brings it from pre-training); there is one kind of deliberation, not the open
+variety of an LLM's; responses are ~10-70 tokens, not 32K; and the gate's entropy collapse
+dynamics of a 4B model need not appear in a 2M one. It is a lab for the mechanism, not
+evidence for the paper's numbers.
+
+Grading is exact match on the last \\boxed{...} letter (a truncated response has no box: 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+import antisd
+import model as model_lib
+
+LETTERS = "ABCDEF"
+BOX = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+# ---------------------------------------------------------------------------------------
+# Problems and the two response styles.
+# ---------------------------------------------------------------------------------------
+
+
+def make_problem(rng: random.Random, min_pairs: int = 3, max_pairs: int = 4) -> dict:
+    """A random problem with exactly one pair of digits summing to the target."""
+    while True:
+        k = rng.randint(min_pairs, max_pairs)
+        pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(k)]
+        ans = rng.randrange(k)
+        target = sum(pairs[ans])
+        if sum(sum(p) == target for p in pairs) == 1:  # unique answer
+            break
+    # one pair per line, so "\nA: 6 8" in the prompt and "\nA: 6 + 8" in a search trace share
+    # their tokens: copying a pair is a plain induction-head lookup for the tiny model
+    body = "\n".join(f"{LETTERS[i]}: {a} {b}" for i, (a, b) in enumerate(pairs))
+    problem = f"Which pair sums to {target}?\n{body}"
+    return {"id": hashlib.md5(problem.encode()).hexdigest()[:12], "problem": problem, "answer": LETTERS[ans], "pairs": pairs, "target": target}
+
+
+def user_text(problem: dict) -> str:
+    """The student's user message (the lab's problem statement is the whole prompt)."""
+    return problem["problem"]
+
+
+def reference(problem: dict) -> str:
+    """The dataset reference used when no peer rollout is correct: answer-only, like DAPO."""
+    return f"\\boxed{{{problem['answer']}}}"
+
+
+def search_solution(problem: dict, rng: random.Random) -> str:
+    """Deliberation: try the pairs in order until one checks out."""
+    opener = rng.choice(["Let me check each pair.", "Let me check each pair.", "Let me try them.", "Maybe check each pair."])
+    lines = [opener]
+    for i, (a, b) in enumerate(problem["pairs"]):
+        ok = a + b == problem["target"]
+        if ok and rng.random() < 0.2:  # occasional re-verification: the lab's "Wait"
+            lines.append(f"{LETTERS[i]}: {a} + {b} = {a + b}. Wait, let me double check: {a} + {b} = {a + b}, yes.")
+        else:
+            lines.append(f"{LETTERS[i]}: {a} + {b} = {a + b}, {'yes' if ok else 'no'}.")
+        if ok:
+            break
+    lines.append(f"So the answer is \\boxed{{{problem['answer']}}}.")
+    return "\n".join(lines)
+
+
+def direct_solution(problem: dict, rng: random.Random) -> str:
+    """Shortcut: name the answer at once."""
+    return rng.choice(["The answer is \\boxed{{{a}}}.", "The answer is \\boxed{{{a}}}.", "So the answer is \\boxed{{{a}}}."]).format(a=problem["answer"])
+
+
+def extract(text: str) -> str | None:
+    m = BOX.findall(text)
+    return m[-1].strip() if m else None
+
+
+def grade(response: str, answer: str) -> float:
+    """Exact match of the last \\boxed{...} against the answer letter."""
+    return float(extract(response) == answer)
+
+
+def classify(text: str) -> str:
+    """'search' if the response checks candidates, else 'direct' (for the lab's metrics)."""
+    return "search" if ("+" in text and "=" in text) else "direct"
+
+
+def problems(seed: int, n: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """n distinct problems from a seed, skipping ids in `exclude` (held-out stays held out)."""
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    while len(out) < n:
+        p = make_problem(rng)
+        if p["id"] not in seen:
+            seen.add(p["id"])
+            out.append(p)
+    return out
+
+
+def datasets(n_train: int = 20000, n_eval: int = 200, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """(train, held_out): disjoint by problem id, deterministic."""
+    held_out = problems(seed + 1, n_eval)
+    train = problems(seed + 2, n_train, exclude={p["id"] for p in held_out})
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------------------
+# Warm start: a short supervised phase that gives the tiny model a base model's habits.
+# ---------------------------------------------------------------------------------------
+
+WARM_DEFAULTS = dict(steps=500, batch=64, lr=3e-3, p_direct=0.5, p_copy=0.8, p_teacher=0.3, seed=0)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a one-turn chat prompt ending with the assistant header."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def warm_example(problem: dict, rng: random.Random, cfg: dict, teacher: bool) -> tuple[str, str]:
+    """(user message, response text) for one supervised example, in teacher format or not."""
+    if teacher:
+        # teacher format: a correct previous attempt in context; mostly copy the answer
+        prev = search_solution(problem, rng) if rng.random() < 0.5 else direct_solution(problem, rng)
+        user = antisd.teacher_user_text(user_text(problem), prev, correct=rng.random() < 0.5)
+        p_direct = cfg["p_copy"]
+    else:
+        user, p_direct = user_text(problem), cfg["p_direct"]
+    resp = direct_solution(problem, rng) if rng.random() < p_direct else search_solution(problem, rng)
+    return user, resp
+
+
+def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = None, **overrides):
+    """Supervised warm start (cross-entropy on response tokens incl. EOS), cached on disk.
+
+    The cache key hashes the settings, the tiny model config and the data seed, so changing
+    any of them retrains. Returns the model (loaded from the cache when present).
+    """
+    cfg = {**WARM_DEFAULTS, **overrides}
+    key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"]}, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"warm-{key}") if cache_dir else None
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        warmed, _ = model_lib.load(path, device=next(model.parameters()).device)
+        print(f"warm start: loaded from cache {path}")
+        return warmed
+    rng = random.Random(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg["steps"]))
+    eos = tokenizer.eos_token_id
+    model.train()
+    bar = tqdm(range(cfg["steps"]), desc="warm start (SFT)")
+    for step in bar:
+        # a batch is all teacher-format or all plain: similar prompt lengths, little padding
+        teacher = rng.random() < cfg["p_teacher"]
+        batch = [warm_example(rng.choice(train), rng, cfg, teacher) for _ in range(cfg["batch"])]
+        prompts = [chat_ids(tokenizer, u) for u, _ in batch]
+        resp = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for _, r in batch]
+        lengths = torch.tensor([len(r) for r in resp])  # (N,)
+        T = int(lengths.max())
+        ids = torch.full((len(resp), T), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+        for i, r in enumerate(resp):
+            ids[i, : len(r)] = torch.tensor(r)
+        logp, _ = model_lib.response_logprobs(model, prompts, ids, lengths)  # (N, T), 0 past length
+        loss = -logp.sum() / lengths.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    if path:
+        tmp = path + ".tmp"
+        model_lib.save(model, tokenizer, tmp)
+        os.replace(tmp, path) if not os.path.exists(path) else None
+        print(f"warm start: cached at {path}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Held-out evaluation.
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, held_out: list[dict], *, k: int = 4, temperature: float = 0.7, max_new_tokens: int = 96, batch: int = 64, generator: torch.Generator | None = None) -> dict:
+    """avg@k held-out accuracy (mean over all k samples of every problem), plus the share of
+    search-style responses and the accuracy of each style."""
+    from rollout import sample
+
+    g = generator if generator is not None else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    correct, styles = [], []
+    for s in range(0, len(held_out), batch):
+        chunk = held_out[s : s + batch]
+        r = sample(model, [chat_ids(tokenizer, user_text(p)) for p in chunk], n=k, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip
+        texts = tokenizer.batch_decode(r.to_lists(), skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            correct.append(grade(text, chunk[i // k]["answer"]) if r.finished[i] else 0.0)
+            styles.append(classify(text))
+    acc = sum(correct) / len(correct)
+    n_search = sum(s == "search" for s in styles)
+    acc_s = sum(c for c, s in zip(correct, styles) if s == "search") / max(1, n_search)
+    acc_d = sum(c for c, s in zip(correct, styles) if s == "direct") / max(1, len(styles) - n_search)
+    return {"eval_acc": acc, "frac_search": n_search / len(styles), "acc_search": acc_s, "acc_direct": acc_d}

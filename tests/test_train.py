@@ -1,0 +1,131 @@
+"""train.py end to end on the tiny lab: smoke run, every method and gate mode, exact resume,
+checkpoint loading with plain transformers, non-finite updates skipped, bad flags rejected.
+
+Runs use a tiny budget (2 prompts x 4 samples, 24 new tokens, a 3-step warm start) in a
+temporary working directory, so the warm-start cache never lands in the repo.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import train
+
+FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24", "--warm-steps", "3",
+        "--eval-limit", "4", "--eval-k", "1", "--micro-batch", "3", "--warmup-steps", "1"]  # fmt: skip
+
+
+def run(tmp_path, *extra, out="run"):
+    args = train.get_parser().parse_args([*FAST, "--out", str(tmp_path / out), *extra])
+    summary = train.main(args)
+    recs = [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")]
+    return summary, [r for r in recs if "loss" in r], [r for r in recs if "eval_acc" in r]
+
+
+@pytest.fixture(scope="session")
+def _lab_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lab")
+
+
+@pytest.fixture(autouse=True)
+def _cwd(_lab_dir, monkeypatch):
+    # .cache/lab (the warm-start cache) is shared by this file's tests and never touches the
+    # repo; the first test pays for the 3-step warm start, the rest load it
+    monkeypatch.chdir(_lab_dir)
+
+
+def test_smoke_default_loop_writes_metrics_checkpoint_and_samples(tmp_path):
+    summary, steps, evals = run(tmp_path, "--steps", "2", "--sample-every", "1")
+    assert [r["step"] for r in steps] == [1, 2]
+    need = {"loss", "reward_mean", "step_time", "frac_zero_var", "resp_len_mean", "truncated_frac", "policy_entropy",
+            "teacher_entropy_median", "teacher_entropy_mean", "gate_open", "lam", "u_mean", "u_frac_neg", "u_p1",
+            "u_p99", "phi_mean", "grad_norm", "tokens_per_s", "t_sample", "t_score", "t_update", "peak_mem_gb"}  # fmt: skip
+    assert need <= set(steps[0]), need - set(steps[0])
+    assert [e["step"] for e in evals] == [0, 2] and set(summary) == {"eval_before", "eval_after"}
+    assert all(0.0 <= e["eval_acc"] <= 1.0 for e in evals)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file() and (ckpt / "args.json").is_file()
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run").iterdir())  # atomic: no temp dirs left
+    dumps = [json.loads(line) for line in open(tmp_path / "run" / "samples.jsonl")]
+    assert len(dumps) == 2 and len(dumps[0]["tokens"]) == len(dumps[0]["u"]) > 0
+    assert json.load(open(tmp_path / "run" / "args.json"))["method"] == "antisd"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--method", "grpo"], ["--method", "grpo", "--log-teacher"], ["--method", "sd"], ["--method", "revkl"],
+     ["--method", "mult"], ["--gate", "none"], ["--gate", "mean"], ["--no-teacher"], ["--tau", "0.9"]],
+)  # fmt: skip
+def test_every_method_and_gate_mode_runs_a_step(tmp_path, extra):
+    _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", *extra)
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    r = steps[-1]
+    if extra[:2] == ["--method", "grpo"]:
+        assert r["lam"] == 0.0
+        assert (r["teacher_entropy_median"] is None) == ("--log-teacher" not in extra)
+    elif "--gate" in extra and "none" in extra or extra == ["--method", "sd"]:
+        assert r["lam"] == 0.5 and r["gate_open"]  # always open: no warmup
+    else:
+        assert steps[0]["lam"] == 0.0  # warmup step (--warmup-steps 1)
+
+
+def test_resume_continues_exactly(tmp_path):
+    # uninterrupted 6 steps vs 4 steps + resume to 6: steps 5-6 must match
+    _, full, _ = run(tmp_path, "--steps", "6", "--eval-every", "0", "--save-every", "100", out="full")
+    run(tmp_path, "--steps", "4", "--eval-every", "0", "--save-every", "100", out="cut")
+    _, resumed, _ = run(tmp_path, "--steps", "6", "--eval-every", "0", "--save-every", "100", "--resume", out="cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full[4:], resumed[4:]):
+        assert a["step"] == b["step"]
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["reward_mean"] - b["reward_mean"]) < 1e-4
+        assert a["lam"] == b["lam"] and a["gate_open"] == b["gate_open"]
+
+
+def test_checkpoint_loads_with_plain_transformers_and_generates(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run(tmp_path, "--steps", "1", "--eval-every", "0")
+    path = tmp_path / "run" / "checkpoint-1"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Which pair sums to 5? A: 1 4, B: 2 2"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_init_from_starts_a_new_run_and_rewarms_the_gate(tmp_path):
+    run(tmp_path, "--steps", "2", "--eval-every", "0", "--method", "grpo", out="base")
+    _, steps, _ = run(tmp_path, "--steps", "1", "--eval-every", "0", "--init-from", str(tmp_path / "base" / "checkpoint-2"), out="cont")
+    assert steps[0]["step"] == 1 and steps[0]["lam"] == 0.0  # gate warmup again
+
+
+def test_non_finite_update_is_skipped(tmp_path, monkeypatch):
+    import antisd
+
+    real = antisd.policy_loss
+    monkeypatch.setattr(antisd, "policy_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    _, steps, _ = run(tmp_path, "--steps", "1", "--eval-every", "0")
+    assert steps[0]["skipped"] is True
+    from safetensors.torch import load_file
+
+    import lab
+    import model as model_lib
+
+    # the checkpoint holds the warm-started weights unchanged (no NaN reached it)
+    sd = load_file(tmp_path / "run" / "checkpoint-1" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [(["--group-size", "1"], "--group-size"), (["--temperature", "0"], "--temperature"), (["--top-p", "0"], "--top-p"),
+     (["--resume"], "--resume"), (["--model", "random:nope"], "random:nope")],
+)  # fmt: skip
+def test_bad_flags_fail_with_a_clear_message(tmp_path, argv, msg):
+    args = train.get_parser().parse_args(["--out", str(tmp_path / "bad"), "--steps", "1", *argv])
+    with pytest.raises((SystemExit, ValueError)) as e:
+        train.main(args)
+    assert msg in str(e.value)

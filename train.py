@@ -1,0 +1,490 @@
+"""train.py: GRPO + AntiSD, one linear loop from arguments to update.
+
+    python train.py                                        # the CPU lab, end to end (~10 min)
+    python train.py --model Qwen/Qwen3-4B-Instruct-2507    # the paper's setting on a GPU
+    python train.py --method grpo --out runs/grpo          # the baseline (see --help for all variants)
+
+One step (SPEC section 1; every line below is a banner in the loop):
+
+  1) rollouts   B prompts x G samples from the current policy (T=1, top-p 1)
+  2) rewards    R in {0,1}: graded final answer, 0 for truncated responses
+  3) A_seq      GRPO z-score within each group (antisd.group_advantages)
+  4) context    teacher prompt per rollout: a correct OTHER rollout of the group (else the
+                reference) + "Your answer is (in)correct." (antisd.teacher_prompts)
+  5) scores     s_t = log pi(y_t|x,y_<t), t_t = log pi(y_t|x,c,y_<t) of the SAME response
+                tokens under no_grad, teacher entropy H_t; u = t - s (antisd.pmi)
+  6) gate       H = median teacher entropy of the step; lam = 0.5 * g (gate.EntropyGate)
+  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages)
+  8) update     clipped policy gradient, token-mean over the WHOLE step (micro-batches
+                share one token count), AdamW, grad-norm clip 1.0, KL 0
+  9) log/save   metrics.jsonl, console line, sample dumps, atomic checkpoints
+
+Strictly on-policy by default (one optimizer update per rollout batch): old_logp = s_t from
+step 5, so the PPO ratio is 1 at the update and the clip never binds; the clipped form is
+kept so forks can add more epochs. GRPO runs skip the teacher pass (its only extra cost)
+unless --log-teacher asks for the teacher's entropy anyway (the lab study plots it).
+
+The lab (--model tiny, the default) adds a cached supervised warm start and held-out
+evaluation; see lab.py for how the lab maps onto the paper's setting. Other models train on
+--data (a data.py spec: "dapo", a hub id or a local .jsonl/.parquet) graded by grading.py.
+
+Checkpoints: OUT/checkpoint-<step>/ holds the model in HF format (loadable with
+AutoModelForCausalLM.from_pretrained) and trainer_state.pt (optimizer, RNG states, data
+cursor, gate), written to a temp dir then renamed. --resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import antisd
+import gate as gate_lib
+import model as model_lib
+from rollout import sample
+
+# ---------------------------------------------------------------------------------------
+# Arguments. `None` defaults are resolved per setting (lab vs real model) in resolve_args.
+# ---------------------------------------------------------------------------------------
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="tiny", help='"tiny" (the CPU lab), a hub id, a local HF directory, or "random:<hub id>"')
+    g.add_argument("--data", default=None, help='training problems: a data.py spec ("dapo", hub id, local .jsonl/.parquet with problem/answer); default: the lab task for tiny, "dapo" otherwise')
+    g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (thinking models); default: the template's own default")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype; default fp32 on CPU, bf16 on GPU")
+    g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; default cuda if available")
+    g.add_argument("--init-from", default=None, help="start a NEW run from this checkpoint dir (weights only; fresh optimizer, gate re-warmed): continual AntiSD from a GRPO checkpoint")
+    g = p.add_argument_group("method (SPEC section 2)")
+    g.add_argument("--method", default="antisd", choices=list(antisd.METHODS), help="per-token term added to A_seq: grpo none, sd +lam*u, antisd -lam*phi(u), revkl -lam*u, mult A_seq*(1-lam*phi(u))")
+    g.add_argument("--lam", type=float, default=0.5, help="lambda while the gate is open")
+    g.add_argument("--gate", default=None, choices=["median", "mean", "none"], help="gate statistic; none = always open (no-gate ablation); default none for sd, median otherwise")
+    g.add_argument("--tau", type=float, default=0.93, help="gate ratio: close when H < tau * H_warm")
+    g.add_argument("--warmup-steps", type=int, default=5, help="gate warmup steps (lam = 0) that calibrate H_warm")
+    g.add_argument("--no-teacher", action="store_true", help="no-teacher ablation: u = -log pi(y_t|x,y_<t) (teacher log-prob := 0)")
+    g.add_argument("--max-solution-tokens", type=int, default=None, help="token budget of the peer solution in the teacher prompt (keeps its end); default 1024 (lab 128)")
+    g.add_argument("--log-teacher", action="store_true", help="run the teacher pass for grpo too, to log teacher entropy and u (costs one no-grad forward)")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--prompts-per-step", type=int, default=None, help="B, prompts per step; default 32 (lab 16)")
+    g.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="response length cap in tokens; truncated responses get reward 0; default 8192 (lab 96); the paper used up to 32768")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used in every log-prob)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; the loss assumes the full distribution, keep 1.0 for training")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (= rollout batches); default 200 (lab 100)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-6 (lab 2e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
+    g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + clip_high")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g.add_argument("--micro-batch", type=int, default=None, help="rollouts per forward/backward; the loss is identical for any split; default 4 (lab 64)")
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--out", default=None, help="run directory; default runs/<method>-<model>-s<seed>")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint up to --steps")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling, data order and teacher-context choice")
+    g.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval in steps (0 = only before and after); default 10 for the lab, 0 otherwise")
+    g.add_argument("--eval-bench", default=None, help="comma-separated eval.py benchmarks for periodic eval of real models (e.g. aime24,aime25)")
+    g.add_argument("--eval-k", type=int, default=None, help="samples per eval problem; default 4 (lab), each benchmark's own k otherwise")
+    g.add_argument("--eval-limit", type=int, default=None, help="problems per eval benchmark (lab: held-out size, default 200)")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps (also at the end and on Ctrl-C)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones are deleted)")
+    g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps")
+    g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/)")
+    return p
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the per-setting defaults and reject bad flags with a message naming the flag."""
+    lab = args.model == "tiny"
+    real = dict(prompts_per_step=32, max_new_tokens=8192, steps=200, lr=1e-6, micro_batch=4, eval_every=0, max_solution_tokens=1024)
+    small = dict(prompts_per_step=16, max_new_tokens=96, steps=100, lr=2e-4, micro_batch=64, eval_every=10, max_solution_tokens=128)
+    for k, v in (small if lab else real).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.gate is None:
+        args.gate = "none" if args.method == "sd" else "median"
+    if args.data is None:
+        args.data = "lab" if lab else "dapo"
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.method}-{args.model.replace('/', '_').replace(':', '_')}-s{args.seed}")
+    checks = [
+        (args.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
+        (args.group_size >= 2, "--group-size must be >= 2 (GRPO needs a group)"),
+        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.temperature > 0, "--temperature must be > 0 for training (log-probs need a distribution)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.steps >= 1, "--steps must be >= 1"),
+        (args.lr > 0, "--lr must be > 0"),
+        (args.micro_batch >= 1, "--micro-batch must be >= 1"),
+        (0 <= args.tau <= 1, "--tau must be in [0, 1]"),
+        (args.lam >= 0, "--lam must be >= 0"),
+        (args.warmup_steps >= 1, "--warmup-steps must be >= 1"),
+        (not (args.resume and args.init_from), "--resume and --init-from exclude each other"),
+        (args.data != "lab" or lab, "--data lab needs --model tiny"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"train.py: {msg}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers the loop calls. Each is here because the loop reads better without it.
+# ---------------------------------------------------------------------------------------
+
+
+class Task:
+    """What the loop needs to know about a problem set: prompts, references and grading."""
+
+    def __init__(self, args, tokenizer):
+        self.lab = args.data == "lab"
+        kw = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
+        self.template_kw = kw
+        if self.lab:
+            import lab
+
+            self.train, self.held_out = lab.datasets(n_eval=args.eval_limit or 200)
+            self.user_text, self.reference, self._grade = lab.user_text, lab.reference, lab.grade
+        else:
+            import data
+            import grading
+
+            self.train, _ = data.load_problems(args.data)
+            self.held_out = None
+            self.user_text = lambda p: data.user_text(p["problem"])
+            # SPEC: the verified solution falls back to the dataset reference; answer-only
+            # datasets (DAPO) give "\boxed{answer}".
+            self.reference = lambda p: p.get("solution") or f"\\boxed{{{p['answer']}}}"
+            self._grading = grading
+        self.tokenizer = tokenizer
+
+    def prompt_ids(self, problem: dict) -> list[int]:
+        msgs = [{"role": "user", "content": self.user_text(problem)}]
+        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False, **self.template_kw))
+
+    def grade(self, texts: list[str], answers: list[str]) -> list[float]:
+        if self.lab:
+            return [self._grade(t, a) for t, a in zip(texts, answers)]
+        return self._grading.grade_many(texts, answers)
+
+
+def next_problems(task: Task, state: dict, B: int) -> list[dict]:
+    """B problems from a seeded permutation of the training set; state['cursor'] is saved in checkpoints."""
+    out = []
+    while len(out) < B:
+        epoch, pos = divmod(state["cursor"], len(task.train))
+        order = list(range(len(task.train)))
+        random.Random(state["data_seed"] + epoch).shuffle(order)  # same order on resume
+        take = min(B - len(out), len(task.train) - pos)
+        out += [task.train[i] for i in order[pos : pos + take]]
+        state["cursor"] += take
+    return out
+
+
+def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, *, rows, no_teacher, temperature, with_teacher):
+    """antisd.pmi (or the student score alone) over row chunks, trimming each chunk's padding.
+
+    Returns u, teacher entropy, student logp, each (N, T) fp32 (u and entropy are None
+    without the teacher pass).
+    """
+    N, T = responses.shape
+    out = {k: torch.zeros(N, T, device=responses.device) for k in ("u", "ent", "s")}
+    for a in range(0, N, rows):
+        idx = slice(a, min(N, a + rows))
+        Tm = int(lengths[idx].max())  # trim the chunk to its longest response
+        resp, lens = responses[idx, :Tm], lengths[idx]
+        if with_teacher:
+            tp = None if no_teacher else teacher_prompts[idx]
+            u, ent, s, _ = antisd.pmi(model, student_prompts[idx], tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
+            out["u"][idx, :Tm], out["ent"][idx, :Tm] = u, ent
+        else:
+            with torch.no_grad():
+                s, _ = model_lib.response_logprobs(model, student_prompts[idx], resp, lens, temperature=temperature)
+        out["s"][idx, :Tm] = s
+    return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
+
+
+def quantile(x: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(x.float(), q)) if x.numel() else float("nan")
+
+
+def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen) -> str:
+    """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename."""
+    final = os.path.join(args.out, f"checkpoint-{step}")
+    tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_lib.save(model, tokenizer, tmp)
+    trainer_state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "gate": gate.state_dict(),
+        "data": dict(state),
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "args": vars(args),
+    }  # fmt: skip
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    for d in ckpts[: -args.keep_last] if args.keep_last > 0 else []:
+        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: str) -> str | None:
+    if not os.path.isdir(out):
+        return None
+    ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-") and os.path.isfile(os.path.join(out, d, "trainer_state.pt"))]
+    return os.path.join(out, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
+
+
+def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
+    """Held-out accuracy: the lab's avg@k, or eval.py's Avg over --eval-bench."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(10_000 + args.seed)  # same eval draws every time
+    if task.lab:
+        import lab
+
+        return lab.evaluate(model, tokenizer, task.held_out, k=args.eval_k or 4, max_new_tokens=args.max_new_tokens, generator=g)
+    import eval as eval_lib
+
+    res = eval_lib.run_benchmarks(model, tokenizer, benches, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"))
+    return {"eval_acc": res["Avg"] / 100.0, **{f"eval_{k}": v["avg"] for k, v in res["benches"].items()}}
+
+
+# ---------------------------------------------------------------------------------------
+# The main loop.
+# ---------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    args = resolve_args(args)
+    os.makedirs(args.out, exist_ok=True)
+
+    # --- setup: model, task, optimizer, gate, RNG ---
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None:
+        raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if resume_from or args.init_from:
+        model, tokenizer = model_lib.load(resume_from or args.init_from, dtype=dtype, device=args.device)
+    else:
+        model, tokenizer = model_lib.load(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    device = next(model.parameters()).device
+    task = Task(args, tokenizer)
+    if task.lab and not (resume_from or args.init_from):
+        import lab
+
+        warm_kw = {} if args.warm_steps is None else {"steps": args.warm_steps}
+        model = lab.warm_start(model, tokenizer, task.train, cache_dir=os.path.join(".cache", "lab"), **warm_kw)
+    benches = None
+    if not task.lab and args.eval_bench:
+        import eval as eval_lib
+
+        benches = eval_lib.load_benchmarks(args.eval_bench.split(","), k=args.eval_k, limit=args.eval_limit)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # rollouts + teacher-context choice
+    state = {"cursor": 0, "data_seed": args.seed}
+    random.seed(args.seed)
+    start = 0
+    if resume_from:
+        ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        opt.load_state_dict(ts["optimizer"])
+        gate.load_state_dict(ts["gate"])
+        state = ts["data"]
+        random.setstate(ts["rng"]["python"])
+        torch.set_rng_state(ts["rng"]["torch"])
+        gen.set_state(ts["rng"]["sampler"])
+        if ts["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        start = ts["step"]
+        print(f"resumed from {resume_from} at step {start}")
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    metrics_f = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    samples_f = open(os.path.join(args.out, "samples.jsonl"), "a")
+
+    def log(rec: dict) -> None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+
+    # Ctrl-C finishes the current step, saves, and exits (never a half-updated checkpoint).
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+
+    B, G = args.prompts_per_step, args.group_size
+    N = B * G
+    use_teacher = args.method != "grpo" or args.log_teacher
+    eos = [tokenizer.eos_token_id]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} lam {args.lam} gate {args.gate} tau {args.tau} | B {B} x G {G} | lr {args.lr} | out {args.out}")
+    summary = {}
+    if start == 0 and (args.eval_every or task.lab or benches):
+        ev = evaluate(args, task, model, tokenizer, 0, benches)
+        log({"step": 0, **ev})
+        summary["eval_before"] = ev["eval_acc"]
+        print(f"eval step 0: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+
+    header = "step | loss     | reward | len   | trunc | H_pol | H_tea | gate | lam  | u_mean | u<0  | phi    | gnorm | tok/s  | time"
+    print(header)
+    bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None)
+    step = start
+    for step in range(start + 1, args.steps + 1):
+        t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model.eval()  # no dropout in sampling or scoring; the tiny/Qwen3 models have none anyway
+
+        # --- 1) rollouts: B prompts x G samples ---
+        problems = next_problems(task, state, B)
+        prompts = [task.prompt_ids(p) for p in problems]  # B lists
+        roll = sample(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen)  # fmt: skip
+        responses, lengths = roll.tokens, roll.lengths  # (N, T), (N,)
+        mask = roll.mask()  # (N, T) from lengths
+        t_sample = time.time() - t0
+
+        # --- 2) rewards: graded answers; truncated (no EOS) = 0 ---
+        texts = tokenizer.batch_decode(roll.to_lists(), skip_special_tokens=True)
+        graded = task.grade(texts, [problems[i // G]["answer"] for i in range(N)])
+        rewards = torch.tensor(graded, device=device) * roll.finished.float()  # (N,)
+
+        # --- 3) GRPO sequence advantages ---
+        seq_adv = antisd.group_advantages(rewards, G)  # (N,)
+
+        # --- 4) privileged context: teacher prompts (the response tensor is not re-tokenized) ---
+        t1 = time.time()
+        student_prompts = [prompts[i // G] for i in range(N)]  # prompt-major rows
+        teacher_prompts = None
+        if use_teacher and not args.no_teacher:
+            teacher_prompts = antisd.teacher_prompts(
+                tokenizer, [task.user_text(p) for p in problems], responses, lengths, rewards, G,
+                references=[task.reference(p) for p in problems], max_solution_tokens=args.max_solution_tokens,
+                enable_thinking=task.template_kw.get("enable_thinking"), generator=gen,
+            )  # fmt: skip
+
+        # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
+        u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
+                                              no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
+        t_score = time.time() - t1
+
+        # --- 6) the entropy gate (statistic over the whole step's batch) ---
+        if use_teacher:
+            h = gate_lib.gate_statistic(t_ent, mask, kind=gate.kind)
+            lam = gate.update(h) if args.method != "grpo" else 0.0
+        else:
+            h, lam = float("nan"), 0.0
+
+        # --- 7) per-token advantages ---
+        adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
+
+        # --- 8) update: one token count for the whole step, any micro-batch split ---
+        t2 = time.time()
+        model.train()
+        num_tokens = int(lengths.sum())
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for a in range(0, N, args.micro_batch):
+            idx = slice(a, min(N, a + args.micro_batch))
+            Tm = int(lengths[idx].max())
+            logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
+            loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
+                                      clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_sum))
+        if skipped:  # never let a NaN/inf reach the weights (or a checkpoint)
+            opt.zero_grad(set_to_none=True)
+            print(f"step {step}: non-finite loss {loss_sum} or grad norm {grad_norm}: update skipped", flush=True)
+        else:
+            opt.step()
+        t_update = time.time() - t2
+
+        # --- 9) log ---
+        dt = time.time() - t0
+        valid_u = u[mask] if u is not None else torch.zeros(0)
+        rec = {
+            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt,
+            "frac_zero_var": float((rewards.view(B, G).std(-1) == 0).float().mean()),
+            "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~roll.finished).float().mean()),
+            # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
+            "policy_entropy": float(-old_logp[mask].mean()),
+            "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
+            "teacher_entropy_mean": gate_lib.gate_statistic(t_ent, mask, "mean") if use_teacher else None,
+            "gate_stat": h if use_teacher else None, "gate_kind": gate.kind,
+            "gate_open": bool(gate.open) if use_teacher else None, "lam": lam,
+            "u_mean": float(valid_u.mean()) if valid_u.numel() else None,
+            "u_frac_neg": float((valid_u < 0).float().mean()) if valid_u.numel() else None,
+            "u_p1": quantile(valid_u, 0.01) if valid_u.numel() else None,
+            "u_p99": quantile(valid_u, 0.99) if valid_u.numel() else None,
+            "phi_mean": float(antisd.phi(valid_u).mean()) if valid_u.numel() else None,
+            "grad_norm": grad_norm, "skipped": skipped, "tokens_per_s": num_tokens / dt,
+            "t_sample": t_sample, "t_score": t_score, "t_update": t_update,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        }  # fmt: skip
+        if task.lab:
+            import lab
+
+            rec["frac_search"] = sum(lab.classify(t) == "search" for t in texts) / N
+        log(rec)
+        f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
+        tqdm.write(
+            f"{step:4d} | {f(rec['loss'], 8, 4)} | {f(rec['reward_mean'], 6)} | {f(rec['resp_len_mean'], 5, 1)} | {f(rec['truncated_frac'], 5, 2)} | "
+            f"{f(rec['policy_entropy'], 5)} | {f(rec['teacher_entropy_median'], 5)} | {'open' if rec['gate_open'] else ' shut' if rec['gate_open'] is False else '   -'} | "
+            f"{lam:.2f} | {f(rec['u_mean'], 6)} | {f(rec['u_frac_neg'], 4, 2)} | {f(rec['phi_mean'], 6)} | {f(grad_norm, 5, 2)} | {f(rec['tokens_per_s'], 6, 0)} | {dt:.1f}s"
+        )
+        if args.sample_every and step % args.sample_every == 0:
+            i = 0  # one rollout per dump: the first of the step, with its per-token u
+            ids = responses[i, : int(lengths[i])].tolist()
+            samples_f.write(json.dumps({
+                "step": step, "prompt": tokenizer.decode(prompts[0]), "response": texts[i], "reward": float(rewards[i]),
+                "tokens": [tokenizer.decode([t]) for t in ids], "u": u[i, : len(ids)].tolist() if u is not None else None,
+            }) + "\n")  # fmt: skip
+            samples_f.flush()
+        bar.update(1)
+
+        if args.eval_every and step % args.eval_every == 0 and step != args.steps:
+            ev = evaluate(args, task, model, tokenizer, step, benches)
+            log({"step": step, **ev})
+            tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if step % args.save_every == 0 or stop["now"]:
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen)
+        if stop["now"]:
+            print(f"interrupted: saved checkpoint-{step}; continue with --resume --out {args.out}")
+            break
+    bar.close()
+
+    # --- the end: final eval, final checkpoint, summary ---
+    if not stop["now"]:
+        if args.eval_every or task.lab or benches:
+            ev = evaluate(args, task, model, tokenizer, step, benches)
+            log({"step": step, **ev})
+            summary["eval_after"] = ev["eval_acc"]
+            print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if step > start:
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen)
+    metrics_f.close()
+    samples_f.close()
+    if "eval_before" in summary and "eval_after" in summary:
+        print(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} ({100 * (summary['eval_after'] - summary['eval_before']):+.1f} points) | run dir {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
