@@ -48,7 +48,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, DynamicLayer
+
+try:  # the layer-type helper DynamicCache itself uses; without it, take the plain path
+    from transformers.cache_utils import get_layer_types_and_kwargs
+except ImportError:  # pragma: no cover
+    get_layer_types_and_kwargs = None
 
 from model import left_pad, positions_from_mask
 
@@ -152,6 +157,8 @@ class _SlabLayer(DynamicLayer):
 def _fast_path_ok(model) -> bool:
     """Preallocated cache + our own 4D mask are exact only if every layer is full (causal) attention
     and the attention function takes an additive 4D mask (sdpa, eager)."""
+    if get_layer_types_and_kwargs is None:
+        return False
     cfg = model.config.get_text_config(decoder=True)
     layer_types, _ = get_layer_types_and_kwargs(cfg)
     return all(lt == "full_attention" for lt in layer_types) and cfg._attn_implementation in ("sdpa", "eager")

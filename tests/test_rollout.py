@@ -90,6 +90,17 @@ def test_greedy_matches_no_cache_reference(sharp, fast):
             torch.testing.assert_close(r.logprobs[b * 2 + j], ref_lp, atol=1e-5, rtol=1e-5)  # logits x8: |logp| up to ~10
 
 
+def test_greedy_eager_attention_matches_generate(sharp):
+    """The fast path's additive 4D mask under eager attention (added to the scores) too."""
+    model, tok = sharp
+    model.set_attn_implementation("eager")
+    try:
+        r = sample(model, PROMPTS, n=2, max_new_tokens=8, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id)
+        assert torch.equal(r.tokens, _generate(model, tok, PROMPTS, 2, 8))
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 # ----------------------------------------------------------------------------------------
 # per-row EOS stop, truncation, pruning
 # ----------------------------------------------------------------------------------------
