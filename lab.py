@@ -1,46 +1,45 @@
 """lab.py: the CPU lab, a tiny world where AntiSD's argument can be watched on 2 cores.
 
-The task ("which pair sums to the target?"):
+The task ("which pair makes ten?"):
 
-    user:      Which pair sums to 11?
+    user:      Which pair sums to 10?
                A: 4 9
                B: 7 3
                C: 5 6
-               D: 2 8
     search:    Let me check each pair.
                A: 4 + 9 = 13, no.
-               B: 7 + 3 = 10, no.
-               C: 5 + 6 = 11, yes.
-               So the answer is \\boxed{C}.
-    direct:    The answer is \\boxed{C}.
+               B: 7 + 3 = 10, yes.
+               So the answer is \\boxed{B}.
+    direct:    The answer is \\boxed{B}.
 
 How it maps onto the paper's LLM setting
 ----------------------------------------
 - A *search* response is deliberation: it enumerates candidates and checks each ("Let",
-  "check", "no", sometimes a "Wait, let me double check" re-verification). Each check is
-  local arithmetic a 2M-parameter transformer learns well, so search is reliable.
-- A *direct* response is a shortcut: it names the answer at once, which requires doing all
-  the additions "in the head" in one forward pass. The tiny model only half-learns that, so
-  direct answers are often wrong.
-- The warm start (supervised, `warm_start`) mixes both styles for plain prompts, like a
-  base model that sometimes reasons and sometimes blurts. RL must learn to prefer search:
-  held-out accuracy rises as P(search) rises. GRPO learns that from the sequence reward.
-- The privileged context: the warm start also shows the model teacher-format prompts (a
-  correct previous attempt + "Your answer is correct/incorrect.", the paper's wording) and
-  there it mostly *copies* the answer directly, the way a pretrained LLM shortcuts when it
-  sees a solution. So under the teacher prompt, deliberation tokens ("Let", the "no" checks)
+  "check", the "no" verdicts, sometimes a "Wait, let me double check" re-verification).
+  Each check is a copy and a one-digit addition that a 1M-parameter transformer learns in
+  a few hundred supervised steps, so search is reliable.
+- A *direct* response is a shortcut. Without the context the warm start only ever shows
+  direct answers that are blurted guesses (a uniformly random letter, right 1 time in K):
+  a base model that sometimes answers without working and is then usually wrong.
+- The warm start (`warm_start`) mixes both styles for plain prompts (40% guesses), so the
+  starting policy is a mixture and RL must learn to prefer search: held-out accuracy rises
+  as P(search) rises. GRPO learns that from the sequence reward alone.
+- The privileged context: the warm start also shows teacher-format prompts (a correct
+  previous attempt + "Your answer is correct/incorrect.", the paper's wording), and there
+  the model mostly *copies* the answer directly, the way a pretrained LLM shortcuts when it
+  sees a solution. So under the teacher prompt, deliberation tokens ("Let", the checks)
   lose probability (u < 0) and shortcut tokens ("The answer is", the right letter) gain
-  (u > 0): exactly the PMI pattern the paper reports for LLMs.
+  (u > 0): the PMI pattern the paper reports for LLMs.
   - SD (advantage +u) therefore pushes the student towards direct answers it cannot get
-    right without the context: accuracy should fall behind GRPO.
-  - AntiSD (-phi(u)) pushes the other way, adding a per-token bonus to deliberation on top
-    of GRPO's signal: it should reach GRPO's accuracy sooner.
+    right without the context: it should fall behind GRPO.
+  - AntiSD (-phi(u)) adds a per-token bonus to deliberation on top of GRPO's signal: it
+    should reach GRPO's accuracy sooner.
 
-What the lab cannot show: the copy behaviour under a solution is put in by the warm start
-(a real LLM brings it from pre-training); there is one kind of deliberation, not the open
-variety of an LLM's; responses are ~10-70 tokens, not 32K; and the gate's entropy collapse
-dynamics of a 4B model need not appear in a 2M one. It is a lab for the mechanism, not
-evidence for the paper's numbers.
+What the lab cannot show: the copy-under-a-solution behaviour and the guessing are put in
+by the warm start (a real LLM brings its habits from pre-training); there is one kind of
+deliberation, not the open variety of an LLM's; responses are 10-50 tokens, not 32K; and
+the entropy-collapse dynamics that the gate reacts to in a 4B model need not appear in a
+1M one. It is a lab for the mechanism, not evidence for the paper's numbers.
 
 Grading is exact match on the last \\boxed{...} letter (a truncated response has no box: 0).
 """
@@ -60,6 +59,7 @@ import antisd
 import model as model_lib
 
 LETTERS = "ABCDEF"
+TARGET = 10  # fixed, like a "make ten" puzzle: checking a pair is then a property of its sum
 BOX = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -68,16 +68,17 @@ BOX = re.compile(r"\\boxed\{([^{}]*)\}")
 # ---------------------------------------------------------------------------------------
 
 
-def make_problem(rng: random.Random, min_pairs: int = 3, max_pairs: int = 4) -> dict:
-    """A random problem with exactly one pair of digits summing to the target."""
+def make_problem(rng: random.Random, min_pairs: int = 3, max_pairs: int = 4, target: int = TARGET) -> dict:
+    """A random problem: pairs of digits, exactly one of which sums to the target."""
     while True:
         k = rng.randint(min_pairs, max_pairs)
         pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(k)]
         ans = rng.randrange(k)
-        target = sum(pairs[ans])
+        a = rng.randint(max(0, target - 9), min(9, target))
+        pairs[ans] = (a, target - a)
         if sum(sum(p) == target for p in pairs) == 1:  # unique answer
             break
-    # one pair per line, so "\nA: 6 8" in the prompt and "\nA: 6 + 8" in a search trace share
+    # one pair per line, so "\nA: 6 4" in the prompt and "\nA: 6 + 4" in a search trace share
     # their tokens: copying a pair is a plain induction-head lookup for the tiny model
     body = "\n".join(f"{LETTERS[i]}: {a} {b}" for i, (a, b) in enumerate(pairs))
     problem = f"Which pair sums to {target}?\n{body}"
@@ -98,8 +99,9 @@ def search_solution(problem: dict, rng: random.Random) -> str:
     """Deliberation: try the pairs in order until one checks out."""
     opener = rng.choice(["Let me check each pair.", "Let me check each pair.", "Let me try them.", "Maybe check each pair."])
     lines = [opener]
+    t = problem["target"]
     for i, (a, b) in enumerate(problem["pairs"]):
-        ok = a + b == problem["target"]
+        ok = a + b == t
         if ok and rng.random() < 0.2:  # occasional re-verification: the lab's "Wait"
             lines.append(f"{LETTERS[i]}: {a} + {b} = {a + b}. Wait, let me double check: {a} + {b} = {a + b}, yes.")
         else:
@@ -110,9 +112,14 @@ def search_solution(problem: dict, rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-def direct_solution(problem: dict, rng: random.Random) -> str:
-    """Shortcut: name the answer at once."""
-    return rng.choice(["The answer is \\boxed{{{a}}}.", "The answer is \\boxed{{{a}}}.", "So the answer is \\boxed{{{a}}}."]).format(a=problem["answer"])
+def direct_solution(problem: dict, rng: random.Random, letter: str | None = None) -> str:
+    """Shortcut: name an answer at once (`letter`, default the right one)."""
+    return rng.choice(["The answer is \\boxed{{{a}}}.", "The answer is \\boxed{{{a}}}.", "So the answer is \\boxed{{{a}}}."]).format(a=letter or problem["answer"])
+
+
+def guess_solution(problem: dict, rng: random.Random) -> str:
+    """A blurted guess: a direct answer with a uniformly random letter (right 1 time in K)."""
+    return direct_solution(problem, rng, letter=rng.choice(LETTERS[: len(problem["pairs"])]))
 
 
 def extract(text: str) -> str | None:
@@ -152,7 +159,7 @@ def datasets(n_train: int = 20000, n_eval: int = 200, seed: int = 1234) -> tuple
 # Warm start: a short supervised phase that gives the tiny model a base model's habits.
 # ---------------------------------------------------------------------------------------
 
-WARM_DEFAULTS = dict(steps=500, batch=64, lr=3e-3, p_direct=0.5, p_copy=0.8, p_teacher=0.3, seed=0)
+WARM_DEFAULTS = dict(steps=600, batch=16, lr=1e-3, p_direct=0.4, p_copy=0.8, p_teacher=0.3, seed=0)
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
@@ -161,15 +168,19 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 
 def warm_example(problem: dict, rng: random.Random, cfg: dict, teacher: bool) -> tuple[str, str]:
-    """(user message, response text) for one supervised example, in teacher format or not."""
+    """(user message, response text) for one supervised example, in teacher format or not.
+
+    Plain prompts: search with probability 1 - p_direct, else a blurted guess. Teacher-format
+    prompts (a correct previous attempt in context): copy its answer directly with
+    probability p_copy, else search.
+    """
     if teacher:
-        # teacher format: a correct previous attempt in context; mostly copy the answer
         prev = search_solution(problem, rng) if rng.random() < 0.5 else direct_solution(problem, rng)
         user = antisd.teacher_user_text(user_text(problem), prev, correct=rng.random() < 0.5)
-        p_direct = cfg["p_copy"]
+        resp = direct_solution(problem, rng) if rng.random() < cfg["p_copy"] else search_solution(problem, rng)
     else:
-        user, p_direct = user_text(problem), cfg["p_direct"]
-    resp = direct_solution(problem, rng) if rng.random() < p_direct else search_solution(problem, rng)
+        user = user_text(problem)
+        resp = guess_solution(problem, rng) if rng.random() < cfg["p_direct"] else search_solution(problem, rng)
     return user, resp
 
 
@@ -189,7 +200,8 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     rng = random.Random(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / cfg["steps"]))
+    # linear warmup over 30 steps, constant, then a linear decay over the last 20%
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30, 5 * (1 - s / cfg["steps"])))
     eos = tokenizer.eos_token_id
     model.train()
     bar = tqdm(range(cfg["steps"]), desc="warm start (SFT)")

@@ -63,7 +63,7 @@ _WORDS = (
     "yes no not it Yes No Your previous attempt Previous assessment correct incorrect Now "
     "solve this problem step by Solve following math Place final in user assistant system "
     "boxed Alternatively holds Given Therefore first second third and or of "
-    "a an as at be for if on that then with we you I right wrong A B C D E F G H"
+    "a an as at be for if on that then with we you I right wrong need A B C D E F G H"
 ).split() + [str(i) for i in range(31)]
 _SNIPPETS = ["\\boxed{A}.", "\\boxed{B},", "A: 4 + 9 = 13, yes.", "B: 2 7, C: 5 5?", "\n\n", "\n", "!"]
 TINY_VOCAB_SIZE = 700  # BPE target size before the special tokens (the trainer stops earlier if it runs out of pairs)
