@@ -187,11 +187,14 @@ def warm_example(problem: dict, rng: random.Random, cfg: dict, teacher: bool) ->
 def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = None, **overrides):
     """Supervised warm start (cross-entropy on response tokens incl. EOS), cached on disk.
 
-    The cache key hashes the settings, the tiny model config and the data seed, so changing
-    any of them retrains. Returns the model (loaded from the cache when present).
+    The cache key hashes the settings, the tiny model config, the data and lab.py's source,
+    so changing any of them retrains. Returns the model (loaded from the cache when present).
     """
     cfg = {**WARM_DEFAULTS, **overrides}
-    key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"]}, sort_keys=True).encode()).hexdigest()[:10]
+    # the key covers the settings, the model config, the data and this file's code (a change
+    # to how examples are written must never reuse a stale warm start)
+    src = hashlib.md5(open(__file__, "rb").read()).hexdigest()
+    key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"], "src": src}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"warm-{key}") if cache_dir else None
     if path and os.path.isfile(os.path.join(path, "config.json")):
         warmed, _ = model_lib.load(path, device=next(model.parameters()).device)

@@ -1,0 +1,490 @@
+"""study.py: the lab study, GRPO vs SD vs AntiSD (and two ablations) over seeds, with plots.
+
+    python study.py                                  # 5 methods x 3 seeds, train.py's lab defaults, 1 run at a time
+    python study.py --jobs 2                         # 2 runs in parallel (subprocesses, 1 torch thread each)
+    python study.py --skip-existing                  # resume a partial study (finished runs skipped, cut ones resumed)
+    python study.py --plots-only                     # summary.json, plots and table from the runs on disk
+    python study.py --table                          # print the markdown table of results/lab/summary.json
+    python study.py --methods grpo,antisd --seeds 0 --steps 20 -- --prompts-per-step 8   # after --: extra train.py flags
+
+What it runs: train.main for each method below and each seed, into OUT/<method>/s<seed>/
+(metrics.jsonl, samples.jsonl, checkpoints, train.log for subprocess runs):
+
+    grpo            --method grpo --log-teacher   (teacher pass only for logging: its entropy is plotted too)
+    sd              --method sd                   (gate none, train.py's default for sd)
+    antisd          --method antisd               (median gate, tau 0.93)
+    antisd-nogate   --method antisd --gate none
+    revkl           --method revkl
+
+What it writes: OUT/summary.json
+
+    {"runs": [{"method", "seed", "peak_acc", "peak_step", "final_acc", "final_step", "speedup",
+               "reach_step", "grpo_best_step", "wall_s"}, ...],
+     "methods": {method: {"n_seeds", "peak_acc_median", "peak_step_median", "final_acc_median",
+                          "speedup_median", "n_reached", "n_defined"}},
+     "meta": {...machine, wall time, flags...}}
+
+`speedup` is the paper's (eval.speedup): GRPO's best held-out accuracy step (same seed) divided
+by the first step at which this run reaches that accuracy; null if it never does (or if GRPO's
+best is at step 0, where the ratio is undefined). GRPO's own speedup is 1.0 by construction.
+`speedup_median` counts a never-reaching seed as 0 (infinitely slow), so it is the paper's
+"median over seeds" without dropping failures; `n_reached` of `n_defined` seeds reached it
+(seeds without a GRPO run, or whose GRPO peaked at step 0, have no defined speedup).
+
+Plots (OUT/plots/*.png, need matplotlib: `pip install matplotlib`; without it the summary
+is still written and the study says so): held-out accuracy, train reward, teacher entropy
+median with the gate state shaded per method, response length, held-out share of search
+responses, mean u of the rollouts, and an overview with all of them. Each method is drawn as
+the mean over seeds with a min-max band; per-step train metrics are smoothed with a moving
+average of --smooth steps first (eval metrics are not smoothed).
+
+Parallel runs share the warm-start cache .cache/lab (in the working directory): the study
+builds it once in this process before starting them, so they never race to write it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import eval as eval_lib
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+# study name -> train.py flags. GRPO logs the teacher pass so every method's teacher entropy is plotted.
+METHODS = {
+    "grpo": ["--method", "grpo", "--log-teacher"],
+    "sd": ["--method", "sd"],
+    "antisd": ["--method", "antisd"],
+    "antisd-nogate": ["--method", "antisd", "--gate", "none"],
+    "revkl": ["--method", "revkl"],
+}
+COLORS = {"grpo": "#444444", "sd": "#d62728", "antisd": "#1f77b4", "antisd-nogate": "#17becf", "revkl": "#ff7f0e"}
+
+
+# ---------------------------------------------------------------------------------------
+# Runs.
+# ---------------------------------------------------------------------------------------
+
+
+def run_dir(out: str, method: str, seed: int) -> str:
+    return os.path.join(out, method, f"s{seed}")
+
+
+def train_argv(args, method: str, seed: int) -> list[str]:
+    """The train.py command line of one run (without the program name)."""
+    argv = [*METHODS[method], "--seed", str(seed), "--out", run_dir(args.out, method, seed)]
+    if args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    if args.eval_every is not None:
+        argv += ["--eval-every", str(args.eval_every)]
+    return argv + list(args.train_args)
+
+
+def run_state(args, method: str, seed: int) -> str:
+    """'done' (checkpoint at the final step), 'partial' (a resumable checkpoint), 'broken' (files
+    but no checkpoint: restarted from scratch, metrics.jsonl would otherwise be appended to) or 'new'."""
+    import train
+
+    targs = train.resolve_args(train.get_parser().parse_args(train_argv(args, method, seed)))
+    d = run_dir(args.out, method, seed)
+    if os.path.isfile(os.path.join(d, f"checkpoint-{targs.steps}", "trainer_state.pt")):
+        return "done"
+    if train.latest_checkpoint(d):
+        return "partial"
+    return "broken" if os.path.isdir(d) and os.listdir(d) else "new"
+
+
+def record_wall(d: str, seconds: float, threads: int) -> None:
+    """Add this invocation's wall time to OUT/<method>/s<seed>/study.json (resumes add up)."""
+    path = os.path.join(d, "study.json")
+    prev = json.load(open(path)) if os.path.isfile(path) else {"wall_s": 0.0}
+    rec = {"wall_s": prev["wall_s"] + seconds, "threads": threads, "machine": machine(), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+def run_inprocess(argv: list[str], threads: int) -> None:
+    """train.main in this process (no import cost per run; what --jobs 1 and the tests use)."""
+    import torch
+
+    import train
+
+    torch.set_num_threads(threads)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        train.main(train.get_parser().parse_args(argv))
+    finally:
+        signal.signal(signal.SIGINT, old)  # train.main installs its own Ctrl-C handler
+
+
+def run_subprocess(argv: list[str], threads: int, log_path: str) -> int:
+    """python train.py ... with `threads` torch/OpenMP threads, output to log_path. Returns the exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    with open(log_path, "a") as log:
+        return subprocess.run([sys.executable, TRAIN_PY, *argv], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def prewarm(argv: list[str], threads: int) -> None:
+    """Build the lab's warm-start cache once before parallel runs start (each run would
+    otherwise train it and write the same cache directory concurrently). Mirrors train.main's
+    setup: the same model preset, task and warm-start flags give the same cache key."""
+    import torch
+
+    import lab
+    import model as model_lib
+    import train
+
+    targs = train.resolve_args(train.get_parser().parse_args(argv))
+    if targs.model != "tiny" or targs.init_from:
+        return
+    torch.set_num_threads(threads)
+    model, tok = model_lib.load(targs.model, device=targs.device, seed=targs.seed)
+    task = train.Task(targs, tok)
+    lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **({} if targs.warm_steps is None else {"steps": targs.warm_steps}))
+
+
+def run_all(args) -> None:
+    """Every (method, seed) run that is not done, args.jobs at a time."""
+    todo = []
+    for method in args.methods:
+        for seed in args.seeds:
+            state = run_state(args, method, seed)
+            d = run_dir(args.out, method, seed)
+            if state == "done" and args.skip_existing:
+                print(f"{method} s{seed}: done, skipped")
+                continue
+            if state != "new" and not (args.skip_existing or args.overwrite):
+                raise SystemExit(f"study.py: {d} exists; --skip-existing resumes/skips runs, --overwrite deletes them")
+            if args.overwrite or state == "broken":
+                shutil.rmtree(d, ignore_errors=True)
+                state = "new"
+            argv = train_argv(args, method, seed) + (["--resume"] if state == "partial" else [])
+            todo.append((method, seed, argv))
+    if not todo:
+        return
+    if args.jobs > 1 and any("--resume" not in a for _, _, a in todo):
+        print("building the warm-start cache before the parallel runs")
+        prewarm(todo[0][2], args.threads)
+
+    def one(method, seed, argv):
+        d = run_dir(args.out, method, seed)
+        os.makedirs(d, exist_ok=True)
+        t0 = time.time()
+        if args.jobs == 1:
+            run_inprocess(argv, args.threads)
+            rc = 0
+        else:
+            rc = run_subprocess(argv, args.threads, os.path.join(d, "train.log"))
+        record_wall(d, time.time() - t0, args.threads)
+        return rc, time.time() - t0
+
+    print(f"{len(todo)} runs, {args.jobs} at a time, {args.threads} torch thread(s) each")
+    failed = []
+    if args.jobs == 1:
+        for i, (method, seed, argv) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {method} s{seed}: python train.py {' '.join(argv)}", flush=True)
+            _, dt = one(method, seed, argv)
+            if run_state(args, method, seed) != "done":  # Ctrl-C: train.main saved and returned
+                raise SystemExit(f"study.py: {method} s{seed} stopped early; rerun with --skip-existing to resume")
+            print(f"[{i}/{len(todo)}] {method} s{seed}: done in {dt:.0f} s", flush=True)
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futs = {pool.submit(one, m, s, a): (m, s) for m, s, a in todo}
+            for i, fut in enumerate(as_completed(futs), 1):
+                (method, seed), (rc, dt) = futs[fut], fut.result()
+                ok = rc == 0 and run_state(args, method, seed) == "done"
+                failed += [] if ok else [f"{method} s{seed}"]
+                print(f"[{i}/{len(todo)}] {method} s{seed}: {'done' if ok else f'FAILED (exit {rc})'} in {dt:.0f} s (log {run_dir(args.out, method, seed)}/train.log)", flush=True)
+    if failed:
+        raise SystemExit(f"study.py: failed runs: {', '.join(failed)} (see their train.log; --skip-existing resumes)")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading runs, the summary.
+# ---------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
+
+
+def read_run(d: str) -> dict:
+    """{"steps": {step: record}, "evals": {step: record}} of OUT/<method>/s<seed>/metrics.jsonl;
+    a step logged twice (a resumed run repeats the steps after its last checkpoint) keeps its last record."""
+    steps, evals = {}, {}
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                (evals if "eval_acc" in rec else steps)[int(rec["step"])] = rec
+    return {"steps": dict(sorted(steps.items())), "evals": dict(sorted(evals.items()))}
+
+
+def find_runs(out: str) -> list[tuple[str, int]]:
+    """(method, seed) of every run directory with a metrics.jsonl under OUT, in METHODS order."""
+    found = []
+    for method in [m for m in METHODS if os.path.isdir(os.path.join(out, m))]:
+        for name in sorted(os.listdir(os.path.join(out, method))):
+            if name.startswith("s") and name[1:].isdigit() and os.path.isfile(os.path.join(out, method, name, "metrics.jsonl")):
+                found.append((method, int(name[1:])))
+    return sorted(found, key=lambda ms: (list(METHODS).index(ms[0]), ms[1]))
+
+
+def _defined(r: dict) -> bool:
+    """Whether a run's speedup is defined: a GRPO run of its seed exists and peaked after step 0."""
+    return r["grpo_best_step"] is not None and r["grpo_best_step"] > 0
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarize(out: str, meta: dict | None = None) -> dict:
+    """summary.json's content from the runs on disk (see the module docstring)."""
+    runs, grpo = [], {}
+    found = find_runs(out)
+    for method, seed in found:  # GRPO first (METHODS order), so its histories exist for the others
+        d = run_dir(out, method, seed)
+        hist = eval_lib.read_history(os.path.join(d, "metrics.jsonl"))  # {step: eval_acc}
+        if method == "grpo":
+            grpo[seed] = hist
+        peak = max(hist.values())
+        peak_step = min(s for s, v in hist.items() if v == peak)
+        final_step = max(hist)
+        rec = {"method": method, "seed": seed, "peak_acc": peak, "peak_step": peak_step, "final_acc": hist[final_step], "final_step": final_step,
+               "speedup": None, "reach_step": None, "grpo_best_step": None}  # fmt: skip
+        if seed in grpo:
+            s = eval_lib.speedup(grpo[seed], hist)
+            rec.update(speedup=s["ratio"], reach_step=s["method_reach_step"], grpo_best_step=s["baseline_best_step"])
+        wall = os.path.join(d, "study.json")
+        rec["wall_s"] = round(json.load(open(wall))["wall_s"], 1) if os.path.isfile(wall) else None
+        runs.append(rec)
+    methods = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        methods[method] = {
+            "n_seeds": len(rs),
+            "peak_acc_median": _median([r["peak_acc"] for r in rs]),
+            "peak_step_median": _median([r["peak_step"] for r in rs]),
+            "final_acc_median": _median([r["final_acc"] for r in rs]),
+            # a seed that never reaches GRPO's best counts as speedup 0; seeds without a GRPO run,
+            # or whose GRPO best is at step 0 (ratio undefined), are left out
+            "speedup_median": _median([r["speedup"] or 0.0 for r in rs if _defined(r)]),
+            "n_reached": sum(r["reach_step"] is not None for r in rs if _defined(r)),
+            "n_defined": sum(_defined(r) for r in rs),
+        }
+    walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
+    meta = {**(meta or {}), "machine": machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
+    return {"runs": runs, "methods": methods, "meta": meta}
+
+
+def markdown_table(summary: dict) -> str:
+    """The README table: one row per method, medians over seeds, per-seed speedups."""
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        "| method | seeds | peak held-out acc | peak step | final acc | speedup vs GRPO (median) | per seed | reached GRPO's best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, m in summary["methods"].items():
+        per = " / ".join(f"{r['speedup']:.1f}x" if r["speedup"] is not None else "never" if _defined(r) else "n/a" for r in summary["runs"] if r["method"] == method)
+        sp = "-" if m["speedup_median"] is None else f"{m['speedup_median']:.2f}x"
+        lines.append(f"| {method} | {m['n_seeds']} | {f(m['peak_acc_median'])} | {f(m['peak_step_median'], 0)} | {f(m['final_acc_median'])} | {sp} | {per} | {m['n_reached']}/{m['n_defined']} |")
+    lines.append("")
+    lines.append("Medians over seeds. speedup = GRPO's best-accuracy step / the first step the run reaches it (same seed); "
+                 "never = did not reach it (counted as 0 in the median); n/a = no GRPO run for that seed or GRPO peaked at step 0.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Plots.
+# ---------------------------------------------------------------------------------------
+
+# (file stem, title, y label, source, key, smoothed)
+PANELS = [
+    ("accuracy", "held-out accuracy (avg@k)", "accuracy", "evals", "eval_acc", False),
+    ("reward", "train reward", "mean reward", "steps", "reward_mean", True),
+    ("teacher_entropy", "teacher entropy (median over tokens)", "nats", "steps", "teacher_entropy_median", True),
+    ("resp_len", "response length", "tokens", "steps", "resp_len_mean", True),
+    ("frac_search", "held-out share of search responses", "fraction", "evals", "frac_search", False),
+    ("u_mean", "mean u of the rollouts' tokens", "nats", "steps", "u_mean", True),
+]
+
+
+def _smooth(ys: list[float], w: int) -> list[float]:
+    """Trailing moving average over the last w values (w <= 1: unchanged)."""
+    if w <= 1:
+        return ys
+    return [sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
+
+
+def series(runs: dict, method: str, source: str, key: str, smooth: int) -> tuple[list, list, list, list]:
+    """steps, mean, min, max over the seeds of one method (steps where at least one seed has a value)."""
+    per_seed = []
+    for (m, _), r in runs.items():
+        if m != method:
+            continue
+        pts = [(s, rec[key]) for s, rec in r[source].items() if rec.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            per_seed.append(dict(zip(xs, _smooth(list(ys), smooth))))
+    steps = sorted({s for d in per_seed for s in d})
+    vals = [[d[s] for d in per_seed if s in d] for s in steps]
+    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def _draw(ax, runs, methods, panel, smooth):
+    _, title, ylabel, source, key, smoothed = panel
+    for method in methods:
+        xs, mean, lo, hi = series(runs, method, source, key, smooth if smoothed else 1)
+        if not xs:
+            continue
+        n = sum(1 for m, _ in runs if m == method)
+        ax.plot(xs, mean, color=COLORS.get(method), label=f"{method} (n={n})", lw=1.6)
+        ax.fill_between(xs, lo, hi, color=COLORS.get(method), alpha=0.15, lw=0)
+    ys = [line.get_ydata() for line in ax.get_lines()]
+    lo_hi = [float(y) for yy in ys for y in yy]
+    if lo_hi and min(lo_hi) > 0 and max(lo_hi) / min(lo_hi) > 20:  # e.g. a teacher entropy collapsing to ~0.01 nats
+        ax.set_yscale("log")
+    ax.set_title(title + (f" (moving avg {smooth})" if smoothed and smooth > 1 else ""), fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def plot(out: str, smooth: int = 5) -> list[str]:
+    """Write OUT/plots/*.png from the runs on disk; returns the paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study.py: matplotlib is not installed, no plots (pip install matplotlib, then python study.py --plots-only)")
+        return []
+    runs = {ms: read_run(run_dir(out, *ms)) for ms in find_runs(out)}
+    methods = list(dict.fromkeys(m for m, _ in runs))
+    pdir = os.path.join(out, "plots")
+    os.makedirs(pdir, exist_ok=True)
+    paths = []
+
+    def save(fig, name, rect=(0, 0, 1, 1)):
+        path = os.path.join(pdir, f"{name}.png")
+        fig.tight_layout(rect=rect)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    # One figure per metric, all methods: mean over seeds and min-max band.
+    for panel in PANELS:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        _draw(ax, runs, methods, panel, smooth)
+        ax.legend(fontsize=8)
+        save(fig, panel[0])
+
+    # Teacher entropy per method with the gate state: gray where the token term is off
+    # (lam == 0: warmup or gate closed) in at least half of the seeds.
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        _draw(ax, runs, [method], PANELS[2], smooth)
+        ax.set_title(method, fontsize=10)
+        if method == "grpo":
+            ax.set_title("grpo (no token term; teacher logged)", fontsize=10)
+            continue
+        xs = series(runs, method, "steps", "lam", 1)[0]
+        frac_off = []
+        for s in xs:
+            lams = [r["steps"][s]["lam"] for (m, _), r in runs.items() if m == method and s in r["steps"]]
+            frac_off.append(sum(lam == 0 for lam in lams) / len(lams))
+        ax.fill_between(xs, 0, 1, where=[f >= 0.5 for f in frac_off], transform=ax.get_xaxis_transform(), color="gray", alpha=0.2, lw=0, step="mid")
+    fig.text(0.5, 0.01, "gray: token term off (gate warmup or closed) in >= half of the seeds; line: mean over seeds, band: min-max", ha="center", fontsize=8)
+    save(fig, "teacher_entropy_gate", rect=(0, 0.05, 1, 1))
+
+    # Overview: every panel in one figure (for the README).
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, panel in zip(axes.flat, PANELS):
+        _draw(ax, runs, methods, panel, smooth)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"CPU lab: {', '.join(methods)}; mean over seeds, band min-max")
+    save(fig, "overview")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (train.py --seed); the paper's medians need >= 3")
+    g.add_argument("--steps", type=int, default=None, help="RL steps per run (default: train.py's lab default)")
+    g.add_argument("--eval-every", type=int, default=None, help="held-out eval interval in steps (default: train.py's lab default)")
+    g.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
+    g = p.add_argument_group("how")
+    g.add_argument("--out", default=os.path.join("results", "lab"), help="study directory: OUT/<method>/s<seed>/, OUT/summary.json, OUT/plots/")
+    g.add_argument("--jobs", type=int, default=1, help="runs in parallel (subprocesses); 1 = one after the other in this process")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    g.add_argument("--skip-existing", action="store_true", help="skip finished runs, resume cut ones from their last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete existing run directories and rerun them")
+    g.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) for per-step train metrics in plots")
+    g = p.add_argument_group("no training")
+    g.add_argument("--plots-only", action="store_true", help="rewrite summary.json, plots and table from the runs on disk")
+    g.add_argument("--table", action="store_true", help="print the markdown table of OUT/summary.json and exit")
+    return p
+
+
+def normalize(args: argparse.Namespace) -> argparse.Namespace:
+    """Lists from the comma-separated flags, the train.py flags without the "--", checks. Idempotent."""
+    if args.train_args[:1] == ["--"]:
+        args.train_args = args.train_args[1:]
+    if isinstance(args.methods, str):
+        args.methods = [m for m in args.methods.split(",") if m]
+    if isinstance(args.seeds, str):
+        args.seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"study.py: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("study.py: --jobs and --threads must be >= 1")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict:
+    args = normalize(args)
+    path = os.path.join(args.out, "summary.json")
+    if args.table:
+        summary = json.load(open(path))
+        print(markdown_table(summary))
+        return summary
+    t0 = time.time()
+    if not args.plots_only:
+        run_all(args)
+    prev = json.load(open(path)).get("meta", {}) if os.path.isfile(path) else {}
+    meta = {**prev, "train_args": args.train_args, "steps": args.steps, "eval_every": args.eval_every, "jobs": args.jobs, "threads": args.threads} if not args.plots_only else prev
+    if not args.plots_only:
+        meta["study_wall_s"] = round(time.time() - t0, 1)
+        meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    summary = summarize(args.out, meta)
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    paths = plot(args.out, args.smooth)
+    print(f"\nwrote {path}" + (f" and {len(paths)} plots in {os.path.join(args.out, 'plots')}" if paths else ""))
+    print(markdown_table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
