@@ -31,6 +31,12 @@ evaluation; see lab.py for how the lab maps onto the paper's setting. Other mode
 Checkpoints: OUT/checkpoint-<step>/ holds the model in HF format (loadable with
 AutoModelForCausalLM.from_pretrained) and trainer_state.pt (optimizer, RNG states, data
 cursor, gate), written to a temp dir then renamed. --resume continues exactly.
+
+Real sizes (memory.py, dist.py): at startup the memory plan is printed (weights, grads, AdamW
+states, activations per micro-batch, KV cache); on a GPU it picks the micro-batch token budget
+and how many rollouts are sampled at once. Several GPUs, under torchrun:
+    torchrun --nproc-per-node N train.py --model ... --tp N     # tensor parallel, one model over N GPUs
+    torchrun --nproc-per-node N train.py --model ... --fsdp     # FSDP2, each rank its own B/N prompts
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ import torch
 from tqdm.auto import tqdm
 
 import antisd
+import dist as dist_lib
 import gate as gate_lib
+import memory
 import model as model_lib
-from rollout import sample
+from rollout import Rollout, sample
 
 # ---------------------------------------------------------------------------------------
 # Arguments. `None` defaults are resolved per setting (lab vs real model) in resolve_args.
@@ -83,8 +91,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used in every log-prob)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; the loss assumes the full distribution, keep 1.0 for training")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (= rollout batches); default 200 (lab 100)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-6 (lab 2e-4)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (= rollout batches); default 200 (lab 60)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 1e-6 (lab 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
     g.add_argument("--clip-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + clip_high")
@@ -102,6 +110,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones are deleted)")
     g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps")
     g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/)")
+    g = p.add_argument_group("memory and several GPUs (memory.py, dist.py)")
+    g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="recompute each decoder layer in backward (activation memory of one layer instead of all); auto: on for real models, off for the lab")
+    g.add_argument("--optim-states", default="fp32", choices=list(memory.AdamW.STATES), help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
+    g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens (rows x longest prompt+response) per training micro-batch, on top of --micro-batch rows; default: the memory plan's budget on CUDA, no limit on CPU")
+    g.add_argument("--sample-rows", type=int, default=None, help="rollouts sampled at once (a wave of whole prompts; its KV cache must fit); default: the memory plan's on CUDA, all of them on CPU")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run under torchrun --nproc-per-node N (transformers' TP plan; every rank samples the same tokens)")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 over all torchrun processes: layers, grads and AdamW states sharded; each rank samples its own prompts-per-step / world prompts")
     return p
 
 
@@ -109,12 +124,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the per-setting defaults and reject bad flags with a message naming the flag."""
     lab = args.model == "tiny"
     real = dict(prompts_per_step=32, max_new_tokens=8192, steps=200, lr=1e-6, micro_batch=4, eval_every=0, max_solution_tokens=1024)
-    small = dict(prompts_per_step=16, max_new_tokens=96, steps=100, lr=2e-4, micro_batch=64, eval_every=10, max_solution_tokens=128)
+    small = dict(prompts_per_step=16, max_new_tokens=96, steps=60, lr=1e-4, micro_batch=64, eval_every=10, max_solution_tokens=128)
     for k, v in (small if lab else real).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.gate is None:
         args.gate = "none" if args.method == "sd" else "median"
+    if args.grad_ckpt == "auto":
+        args.grad_ckpt = "off" if lab else "on"
     if args.data is None:
         args.data = "lab" if lab else "dapo"
     if args.out is None:
@@ -133,6 +150,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (args.warmup_steps >= 1, "--warmup-steps must be >= 1"),
         (not (args.resume and args.init_from), "--resume and --init-from exclude each other"),
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
+        (args.tp >= 1, "--tp must be >= 1"),
+        (args.micro_batch_tokens is None or args.micro_batch_tokens >= 1, "--micro-batch-tokens must be >= 1"),
+        (args.sample_rows is None or args.sample_rows >= args.group_size, "--sample-rows must be >= --group-size (a wave holds whole prompts)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -216,33 +236,52 @@ def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths
     return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
 
 
+def sample_in_waves(model, prompts, *, n, rows, **kw) -> Rollout:
+    """rollout.sample over waves of whole prompts, at most `rows` rollouts per call (the KV cache
+    of one wave must fit in memory: memory.py picks `rows` on a GPU). With rows >= len(prompts) * n
+    this is exactly one sample(...) call. Rows stay prompt-major."""
+    per = max(1, rows // n)  # prompts per wave
+    parts = [sample(model, prompts[a : a + per], n=n, **kw) for a in range(0, len(prompts), per)]
+    if len(parts) == 1:
+        return parts[0]
+    return Rollout(**{f: torch.cat([getattr(r, f) for r in parts]) for f in ("tokens", "lengths", "finished", "logprobs")})  # (N, T) / (N,)
+
+
 def quantile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.float(), q)) if x.numel() else float("nan")
 
 
-def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen) -> str:
-    """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename."""
+def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> str:
+    """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename. Every rank calls it
+    (TP / FSDP: the model is gathered to rank 0, which writes it; each rank writes its optimizer
+    shards to optimizer/); rank 0 writes the rest."""
     final = os.path.join(args.out, f"checkpoint-{step}")
     tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model_lib.save(model, tokenizer, tmp)
-    trainer_state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "gate": gate.state_dict(),
-        "data": dict(state),
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "args": vars(args),
-    }  # fmt: skip
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-    for d in ckpts[: -args.keep_last] if args.keep_last > 0 else []:
-        shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    if D.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    D.barrier()
+    dist_lib.save_model(model, tokenizer, tmp, D)
+    opt_state = dist_lib.save_optimizer(opt, tmp, D)  # the state dict in one process, None when sharded on disk
+    samplers = D.gather_object(gen.get_state())  # FSDP: every data-parallel rank's own sampling stream
+    if D.is_main:
+        trainer_state = {
+            "step": step,
+            "optimizer": opt_state,
+            "gate": gate.state_dict(),
+            "data": dict(state),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(), "samplers": samplers,
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "args": vars(args),
+        }  # fmt: skip
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+        for d in ckpts[: -args.keep_last] if args.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
+    D.barrier()
     return final
 
 
@@ -259,10 +298,12 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
     if task.lab:
         import lab
 
-        return lab.evaluate(model, tokenizer, task.held_out, k=args.eval_k or 4, max_new_tokens=args.max_new_tokens, generator=g)
+        with dist_lib.unsharded(model):  # FSDP: whole layers for decoding (every rank evaluates, rank 0 logs)
+            return lab.evaluate(model, tokenizer, task.held_out, k=args.eval_k or 4, max_new_tokens=args.max_new_tokens, generator=g)
     import eval as eval_lib
 
-    res = eval_lib.run_benchmarks(model, tokenizer, benches, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"))
+    with dist_lib.unsharded(model):
+        res = eval_lib.run_benchmarks(model, tokenizer, benches, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"))
     return {"eval_acc": res["Avg"] / 100.0, **{f"eval_{k}": v["avg"] for k, v in res["benches"].items()}}
 
 
@@ -275,49 +316,72 @@ def main(args: argparse.Namespace) -> dict:
     args = resolve_args(args)
     os.makedirs(args.out, exist_ok=True)
 
-    # --- setup: model, task, optimizer, gate, RNG ---
+    # --- setup: processes, model, task, optimizer, gate, RNG ---
+    D = dist_lib.setup(tp=args.tp, fsdp=args.fsdp, device=args.device)  # torchrun ranks; one process: nothing to start
+    if args.prompts_per_step % D.dp_size:
+        raise SystemExit(f"train.py: --prompts-per-step {args.prompts_per_step} must split evenly over {D.dp_size} FSDP ranks")
     resume_from = latest_checkpoint(args.out) if args.resume else None
     if args.resume and resume_from is None:
         raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if resume_from or args.init_from:
-        model, tokenizer = model_lib.load(resume_from or args.init_from, dtype=dtype, device=args.device)
-    else:
-        model, tokenizer = model_lib.load(args.model, dtype=dtype, device=args.device, seed=args.seed)
-    device = next(model.parameters()).device
+    model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
     task = Task(args, tokenizer)
     if task.lab and not (resume_from or args.init_from):
         import lab
 
         warm_kw = {} if args.warm_steps is None else {"steps": args.warm_steps}
-        model = lab.warm_start(model, tokenizer, task.train, cache_dir=os.path.join(".cache", "lab"), **warm_kw)
+        with D.rank0_first():  # rank 0 trains and caches the warm start, the other ranks load the cache
+            model = lab.warm_start(model, tokenizer, task.train, cache_dir=os.path.join(".cache", "lab"), **warm_kw)
+    model = dist_lib.parallelize(model, tokenizer, D, scratch=os.path.join(args.out, ".tp-init"))  # TP shards / FSDP wrap
+    if args.grad_ckpt == "on":
+        dist_lib.enable_grad_ckpt(model)
+    device = next(model.parameters()).device
     benches = None
     if not task.lab and args.eval_bench:
         import eval as eval_lib
 
         benches = eval_lib.load_benchmarks(args.eval_bench.split(","), k=args.eval_k, limit=args.eval_limit)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    opt = memory.AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), states=args.optim_states)
     gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # rollouts + teacher-context choice
+    # rollouts + teacher-context choice; FSDP: each data-parallel rank its own stream, TP: the same on every rank
+    gen = torch.Generator(device=device).manual_seed(args.seed + D.dp_rank)
     state = {"cursor": 0, "data_seed": args.seed}
     random.seed(args.seed)
     start = 0
     if resume_from:
         ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        opt.load_state_dict(ts["optimizer"])
+        dist_lib.load_optimizer(opt, resume_from, ts["optimizer"], D)  # TP / FSDP: the sharded optimizer/ dir
         gate.load_state_dict(ts["gate"])
         state = ts["data"]
         random.setstate(ts["rng"]["python"])
         torch.set_rng_state(ts["rng"]["torch"])
-        gen.set_state(ts["rng"]["sampler"])
+        samplers = ts["rng"].get("samplers") or [ts["rng"]["sampler"]]
+        if len(samplers) != D.dp_size:
+            raise SystemExit(f"train.py: --resume: the checkpoint has {len(samplers)} data-parallel sampling streams, this run {D.dp_size}")
+        gen.set_state(samplers[D.dp_rank])
         if ts["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         start = ts["step"]
         print(f"resumed from {resume_from} at step {start}")
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    metrics_f = open(os.path.join(args.out, "metrics.jsonl"), "a")
-    samples_f = open(os.path.join(args.out, "samples.jsonl"), "a")
+
+    # --- the memory plan (memory.py): printed; on a GPU it sets the micro-batch and sampling budgets ---
+    B, G = args.prompts_per_step // D.dp_size, args.group_size  # B: this rank's prompts (FSDP: its share)
+    N = B * G
+    n_params = sum(p.numel() for p in model.parameters())  # (DTensor numel is the full size)
+    mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    plan = memory.plan(model.config, gpu_bytes=mem, dtype_bytes=model.dtype.itemsize, states=args.optim_states, grad_ckpt=args.grad_ckpt == "on",
+                       rows=N, prompt_len=max(len(task.prompt_ids(p)) for p in task.train[:64]), new_tokens=args.max_new_tokens, group=G, micro_batch_rows=args.micro_batch,
+                       shards=D.world, tp=args.tp, n_params=n_params)  # fmt: skip
+    print(plan.table() + ("" if device.type == "cuda" else "\n  (CPU: budgets not applied; --micro-batch and all rows at once)"))
+    if device.type == "cuda":
+        args.micro_batch_tokens = args.micro_batch_tokens or max(1, plan.micro_batch_tokens)
+        args.sample_rows = args.sample_rows or max(G, plan.sample_rows)
+    if D.is_main:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    # only rank 0 writes metrics and samples
+    metrics_f = open(os.path.join(args.out, "metrics.jsonl") if D.is_main else os.devnull, "a")
+    samples_f = open(os.path.join(args.out, "samples.jsonl") if D.is_main else os.devnull, "a")
 
     def log(rec: dict) -> None:
         metrics_f.write(json.dumps(rec) + "\n")
@@ -327,12 +391,10 @@ def main(args: argparse.Namespace) -> dict:
     stop = {"now": False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
 
-    B, G = args.prompts_per_step, args.group_size
-    N = B * G
     use_teacher = args.method != "grpo" or args.log_teacher
     eos = [tokenizer.eos_token_id]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} lam {args.lam} gate {args.gate} tau {args.tau} | B {B} x G {G} | lr {args.lr} | out {args.out}")
+    par = {"single": "", "tp": f" | tensor parallel {D.world}", "fsdp": f" | FSDP over {D.world} ranks, B {B} each"}[D.mode]
+    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} lam {args.lam} gate {args.gate} tau {args.tau} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
         ev = evaluate(args, task, model, tokenizer, 0, benches)
@@ -342,7 +404,7 @@ def main(args: argparse.Namespace) -> dict:
 
     header = "step | loss     | reward | len   | trunc | H_pol | H_tea | gate | lam  | u_mean | u<0  | phi    | gnorm | tok/s  | time"
     print(header)
-    bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None)
+    bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None if D.is_main else True)
     step = start
     for step in range(start + 1, args.steps + 1):
         t0 = time.time()
@@ -350,11 +412,13 @@ def main(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
         model.eval()  # no dropout in sampling or scoring; the tiny/Qwen3 models have none anyway
 
-        # --- 1) rollouts: B prompts x G samples ---
-        problems = next_problems(task, state, B)
+        # --- 1) rollouts: B prompts x G samples (FSDP: this rank's block of the step's prompts) ---
+        problems = D.shard(next_problems(task, state, args.prompts_per_step))
         prompts = [task.prompt_ids(p) for p in problems]  # B lists
-        roll = sample(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen)  # fmt: skip
+        with dist_lib.unsharded(model):  # FSDP: all-gather the layers once, not at every decoded token
+            roll = sample_in_waves(model, prompts, n=G, rows=args.sample_rows or N, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen)  # fmt: skip
+        D.check_same(roll.tokens, "the sampled tokens")  # TP: every rank must hold the same rollouts
         responses, lengths = roll.tokens, roll.lengths  # (N, T), (N,)
         mask = roll.mask()  # (N, T) from lengths
         t_sample = time.time() - t0
@@ -379,13 +443,15 @@ def main(args: argparse.Namespace) -> dict:
             )  # fmt: skip
 
         # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
-        u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
-                                              no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
+        with dist_lib.unsharded(model):
+            u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
+                                                  no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
         t_score = time.time() - t1
 
-        # --- 6) the entropy gate (statistic over the whole step's batch) ---
+        # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
         if use_teacher:
-            h = gate_lib.gate_statistic(t_ent, mask, kind=gate.kind)
+            ent_all = D.gather(t_ent[mask])  # (M,) valid tokens of the step
+            h = gate_lib.gate_statistic(ent_all, torch.ones_like(ent_all, dtype=torch.bool), kind=gate.kind)
             lam = gate.update(h) if args.method != "grpo" else 0.0
         else:
             h, lam = float("nan"), 0.0
@@ -393,36 +459,47 @@ def main(args: argparse.Namespace) -> dict:
         # --- 7) per-token advantages ---
         adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
 
-        # --- 8) update: one token count for the whole step, any micro-batch split ---
+        # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
         model.train()
-        num_tokens = int(lengths.sum())
+        num_tokens = D.sum(int(lengths.sum()))
+        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens; FSDP:
+        # the same number on every rank (each forward/backward all-gathers every layer)
+        batches = memory.micro_batches([len(p) for p in student_prompts], lengths.tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
+        batches = memory.split_to(batches, D.max(len(batches)))
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for a in range(0, N, args.micro_batch):
-            idx = slice(a, min(N, a + args.micro_batch))
+        for idx in batches:
             Tm = int(lengths[idx].max())
             logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
             loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
                                       clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
-            loss.backward()
+            dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
             loss_sum += loss.item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
+        dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
+        grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_sum))
         if skipped:  # never let a NaN/inf reach the weights (or a checkpoint)
             opt.zero_grad(set_to_none=True)
             print(f"step {step}: non-finite loss {loss_sum} or grad norm {grad_norm}: update skipped", flush=True)
         else:
             opt.step()
+            opt.zero_grad(set_to_none=True)  # free the gradients before the next rollouts (memory.py counts on it)
         t_update = time.time() - t2
 
         # --- 9) log ---
         dt = time.time() - t0
+        finished = roll.finished
+        if D.dp_size > 1:  # FSDP: gather every rank's rows (rank order = the step's batch), so the record is the step's
+            rewards, lengths, finished = D.gather(rewards), D.gather(lengths), D.gather(finished)
+            old_logp, u, t_ent = (D.gather(x) if x is not None else None for x in (old_logp, u, t_ent))
+            mask = antisd.mask_from_lengths(lengths, old_logp.shape[1])
         valid_u = u[mask] if u is not None else torch.zeros(0)
         rec = {
             "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt,
-            "frac_zero_var": float((rewards.view(B, G).std(-1) == 0).float().mean()),
-            "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~roll.finished).float().mean()),
+            "frac_zero_var": float((rewards.view(-1, G).std(-1) == 0).float().mean()),
+            "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~finished).float().mean()),
             # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
             "policy_entropy": float(-old_logp[mask].mean()),
             "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
@@ -441,12 +518,13 @@ def main(args: argparse.Namespace) -> dict:
         if task.lab:
             import lab
 
-            rec["frac_search"] = sum(lab.classify(t) == "search" for t in texts) / N
+            rec["frac_search"] = D.sum(sum(lab.classify(t) == "search" for t in texts)) / len(rewards)
         log(rec)
+        gate_word = "   -" if rec["gate_open"] is None else "warm" if gate.warming_up else "open" if rec["gate_open"] else "shut"
         f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
         tqdm.write(
             f"{step:4d} | {f(rec['loss'], 8, 4)} | {f(rec['reward_mean'], 6)} | {f(rec['resp_len_mean'], 5, 1)} | {f(rec['truncated_frac'], 5, 2)} | "
-            f"{f(rec['policy_entropy'], 5)} | {f(rec['teacher_entropy_median'], 5)} | {'open' if rec['gate_open'] else ' shut' if rec['gate_open'] is False else '   -'} | "
+            f"{f(rec['policy_entropy'], 5)} | {f(rec['teacher_entropy_median'], 5)} | {gate_word} | "
             f"{lam:.2f} | {f(rec['u_mean'], 6)} | {f(rec['u_frac_neg'], 4, 2)} | {f(rec['phi_mean'], 6)} | {f(grad_norm, 5, 2)} | {f(rec['tokens_per_s'], 6, 0)} | {dt:.1f}s"
         )
         if args.sample_every and step % args.sample_every == 0:
@@ -463,8 +541,9 @@ def main(args: argparse.Namespace) -> dict:
             ev = evaluate(args, task, model, tokenizer, step, benches)
             log({"step": step, **ev})
             tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        stop["now"] = D.any(stop["now"])  # every rank stops at the same step
         if step % args.save_every == 0 or stop["now"]:
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
         if stop["now"]:
             print(f"interrupted: saved checkpoint-{step}; continue with --resume --out {args.out}")
             break
@@ -478,9 +557,10 @@ def main(args: argparse.Namespace) -> dict:
             summary["eval_after"] = ev["eval_acc"]
             print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if step > start:
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
     metrics_f.close()
     samples_f.close()
+    dist_lib.teardown(D)
     if "eval_before" in summary and "eval_after" in summary:
         print(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} ({100 * (summary['eval_after'] - summary['eval_before']):+.1f} points) | run dir {args.out}")
     return summary

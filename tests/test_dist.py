@@ -1,0 +1,132 @@
+"""dist.py under torchrun on CPU (gloo, 2 processes): tensor parallel and FSDP2 on the tiny lab.
+
+  - TP: `torchrun --nproc-per-node 2 train.py --tp 2` samples the same tokens as one process
+    (same seed), so its per-step loss and gradient norm must match a single-process run; rank 0
+    writes one metrics file and one HF checkpoint that plain transformers loads.
+  - FSDP: each rank samples its own prompts (its own stream), so a step is not the single
+    process's step; it must train, save an HF checkpoint + sharded optimizer, and resume exactly.
+  - tests/dist_check.py: the update itself (loss over all ranks' tokens, gradients, clipping,
+    AdamW, sampling, checkpoint round trips) against one process on the same batch, both modes.
+Every run uses `torchrun --standalone` (a free port) with OMP_NUM_THREADS=1, tiny budgets, and a
+shared working directory so the lab's warm start is computed once.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24", "--warm-steps", "3", "--eval-limit", "4",
+        "--eval-k", "1", "--micro-batch", "3", "--warmup-steps", "1", "--eval-every", "0", "--gate", "none"]  # fmt: skip
+# --gate none: lambda = 0.5 from step 1, so the token term gives step 1 a non-zero gradient even
+# though the 3-step warm start solves nothing yet (all rewards 0, A_seq = 0)
+
+
+# Hides `accelerate` from the workers (transformers then reports it unavailable), so the TP load
+# is tested the way CI runs it (requirements.txt has no accelerate), whatever this machine has.
+NO_ACCELERATE = '''import importlib.machinery
+_find = importlib.machinery.PathFinder.find_spec.__func__
+def _hide(cls, name, path=None, target=None):
+    return None if name.split(".")[0] == "accelerate" else _find(cls, name, path, target)
+importlib.machinery.PathFinder.find_spec = classmethod(_hide)
+'''
+
+
+def torchrun(cwd, *argv, timeout=150):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, argv)]
+    site = os.path.join(cwd, "no_accelerate")
+    os.makedirs(site, exist_ok=True)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(NO_ACCELERATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([site, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n--- stdout ---\n{p.stdout[-4000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
+    return p
+
+
+def steps(run_dir):
+    return [r for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("dist")
+
+
+def loads_and_generates(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Which pair sums to 5? A: 1 4, B: 2 2"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert not any(k.startswith(("_orig_mod", "_fsdp")) for k in model.state_dict())
+    return model
+
+
+def test_tensor_parallel_matches_one_process(work, monkeypatch):
+    p = torchrun(work, TRAIN, "--tp", "2", "--steps", "2", "--out", "tp", *FAST)
+    assert "tensor parallel 2" in p.stdout and "memory plan" in p.stdout
+    monkeypatch.chdir(work)  # the same warm-start cache
+    train.main(train.get_parser().parse_args([*FAST, "--steps", "2", "--out", str(work / "single")]))
+    tp, one = steps(work / "tp"), steps(work / "single")
+    assert [r["step"] for r in tp] == [1, 2]  # rank 0 alone writes metrics
+    for a, b in zip(tp, one):
+        assert a["reward_mean"] == b["reward_mean"] and a["resp_len_mean"] == b["resp_len_mean"]  # the same tokens
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] > 0 and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    ckpt = work / "tp" / "checkpoint-2"
+    model = loads_and_generates(ckpt)  # one ordinary HF checkpoint, gathered from the shards
+    assert model.get_output_embeddings().weight.shape[0] == model.config.vocab_size
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"] is None  # sharded instead:
+    assert sorted(f for f in os.listdir(ckpt / "optimizer") if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (work / "tp" / ".tp-init").exists()  # the scratch copy for loading the preset with TP is gone
+
+
+def test_fsdp_trains_saves_and_resumes_exactly(work):
+    p = torchrun(work, TRAIN, "--fsdp", "--steps", "3", "--save-every", "2", "--out", "fa", *FAST)
+    assert "FSDP over 2 ranks, B 1 each" in p.stdout
+    full = steps(work / "fa")
+    assert [r["step"] for r in full] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() and r["grad_norm"] > 0 for r in full)
+    assert all(r["resp_len_mean"] > 0 for r in full)  # whole-step metrics (both ranks' rows)
+    loads_and_generates(work / "fa" / "checkpoint-3")
+    assert sorted(f for f in os.listdir(work / "fa" / "checkpoint-3" / "optimizer") if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # resume from the step-2 checkpoint: step 3 must be the uninterrupted run's step 3
+    os.makedirs(work / "fb")
+    shutil.copytree(work / "fa" / "checkpoint-2", work / "fb" / "checkpoint-2")
+    torchrun(work, TRAIN, "--fsdp", "--steps", "3", "--resume", "--out", "fb", *FAST)
+    resumed = steps(work / "fb")
+    assert [r["step"] for r in resumed] == [3]
+    for k in ("loss", "grad_norm", "reward_mean", "resp_len_mean", "u_mean"):
+        assert resumed[0][k] == pytest.approx(full[2][k], abs=1e-6), k
+
+
+def test_parallel_update_matches_one_process_on_the_same_batch(work):
+    torchrun(work, os.path.join(ROOT, "tests", "dist_check.py"), work / "check.json")
+    res = json.load(open(work / "check.json"))
+    for mode in ("tp", "fsdp"):
+        r = res[mode]
+        assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6), mode
+        assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5), mode
+        assert r["grad_diff"] < 1e-5 and r["weight_diff"] < 1e-5, (mode, r)
+        assert r["same_tokens"] and r["optim_roundtrip_diff"] == 0.0 and r["ckpt_diff"] == 0.0, (mode, r)
+    assert all(x["tp"] and x["fsdp"] for x in res["same_tokens_all_ranks"])
+    assert res["accelerate_available"] is False  # the TP load above ran without accelerate
+
+
+@pytest.mark.parametrize("argv,msg", [(["--tp", "2"], "torchrun"), (["--fsdp"], "torchrun"), (["--tp", "2", "--fsdp"], "exclude")])
+def test_parallel_flags_need_torchrun(tmp_path, monkeypatch, argv, msg):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(train.get_parser().parse_args(["--out", str(tmp_path / "x"), "--steps", "1", *argv]))
+    assert msg in str(e.value)

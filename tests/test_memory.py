@@ -1,0 +1,178 @@
+"""memory.py: the plan's numbers for Qwen3-4B / 8B, the activation estimate against what autograd
+really keeps, micro-batches by a token budget, and the AdamW with fp32 master weights (bit-equal
+to torch.optim.AdamW in fp32; in bf16 it keeps the lr-1e-6 updates that plain bf16 loses).
+Last, train.py end to end: the token budget, gradient checkpointing and --optim-states do not
+change the numbers of an fp32 run.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import dist as dist_lib
+import memory
+import model as model_lib
+import train
+
+GiB = 2**30
+
+
+def real_config(hub_id):
+    kw = model_lib._rope(model_lib.REAL_CONFIGS[hub_id])
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def test_qwen3_4b_and_8b_parameter_counts_and_plan_numbers():
+    c4, c8 = real_config("Qwen/Qwen3-4B-Instruct-2507"), real_config("Qwen/Qwen3-8B")
+    assert memory.count_params(c4) == 4_022_468_096  # 4.02B (tied embedding counted once)
+    assert memory.count_params(c8) == 8_190_735_360  # 8.19B (untied)
+    # the built model agrees with the formula (meta device: no memory)
+    with torch.device("meta"):
+        m = model_lib.AutoModelForCausalLM.from_config(c4)
+    assert sum(p.numel() for p in m.parameters()) == memory.count_params(c4)
+
+    p = memory.plan(c4, gpu_bytes=int(79.6 * GiB), rows=256, prompt_len=256, new_tokens=8192, group=8)
+    assert p.weights / GiB == pytest.approx(7.49, abs=0.01)  # bf16: 2 B/param
+    assert p.grads == p.weights
+    assert p.optimizer / GiB == pytest.approx(44.95, abs=0.01)  # fp32 master + 2 fp32 moments: 12 B/param
+    assert p.kv_per_token == 36 * 2 * 8 * 128 * 2 == 147_456  # 144 KiB per token of a sampled row
+    # it fits one 80 GB GPU: a micro-batch holds at least one full 8448-token row, a wave whole prompts
+    assert p.micro_batch_tokens >= 8192 + 256 and p.sample_rows >= 8 and p.sample_rows % 8 == 0
+    assert p.fixed_train + p.micro_batch_tokens * p.act_per_token <= 79.6 * GiB
+    assert p.fixed_sample + p.sample_rows * p.row_tokens * p.kv_per_token <= 79.6 * GiB
+    assert "budget: micro-batch" in p.table() and "KV cache" in p.table()
+    # bf16 moments without a master: 4 B/param of optimizer state
+    assert memory.plan(c4, gpu_bytes=int(79.6 * GiB), states="param").optimizer / GiB == pytest.approx(14.98, abs=0.01)
+    # 8B with fp32 states does not fit 80 GB: the plan says so instead of choosing a budget
+    p8 = memory.plan(c8, gpu_bytes=int(79.6 * GiB))
+    assert p8.micro_batch_tokens == 0 and p8.notes
+
+
+def test_activation_estimate_matches_what_autograd_keeps():
+    torch.manual_seed(0)
+    m, _ = model_lib.load("tiny")
+    m.train()
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    N, L = 4, 128
+    ids = torch.randint(0, 500, (N, L))
+
+    def saved_bytes_per_token():
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:  # activations only, not the weights
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.model(input_ids=ids, use_cache=False)
+        return sum(seen.values()) / (N * L)
+
+    est = memory.activation_bytes_per_token(m.config, 4, grad_ckpt=False)
+    assert 0.8 < saved_bytes_per_token() / est < 1.25
+    dist_lib.enable_grad_ckpt(m)
+    c = m.config
+    kept = c.num_hidden_layers * 4 * c.hidden_size + (4 + 4) * c.hidden_size  # layer inputs + final norm
+    assert saved_bytes_per_token() == pytest.approx(kept, rel=0.05)
+    # the estimate adds one layer's recompute on top of what is kept
+    one_layer = (est - (4 + 4) * c.hidden_size) // c.num_hidden_layers
+    assert memory.activation_bytes_per_token(c, 4, grad_ckpt=True) == kept + one_layer
+
+
+def test_micro_batches_by_token_budget_and_split_to():
+    P, L = [5, 5, 5, 5, 5], [10, 2, 30, 3, 4]
+    assert memory.micro_batches(P, L, max_rows=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # padded cost rows x (longest prompt + longest response) <= 40; a 35-token row alone
+    mb = memory.micro_batches(P, L, max_rows=8, max_tokens=40)
+    assert mb == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    for s in mb:
+        n = s.stop - s.start
+        assert n == 1 or n * (max(P[s]) + max(L[s])) <= 40
+    assert memory.split_to(mb, 5) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
+    with pytest.raises(ValueError):
+        memory.split_to(mb, 6)
+
+
+def test_adamw_is_torch_adamw_in_fp32_and_keeps_small_updates_in_bf16():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+    ob = memory.AdamW(b.named_parameters(), lr=1e-2, weight_decay=0.1)
+    assert "master" not in ob.state["0.weight"]  # fp32 weights are their own master
+    for _ in range(10):
+        x = torch.randn(4, 7)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad(set_to_none=True)
+            m(x).pow(2).sum().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # bit-identical
+
+    # bf16 weight 0.03 (spacing 1.2e-4), constant gradient: AdamW moves it ~lr = 1e-6 per step
+    def run(states, steps=100):
+        w = torch.nn.Parameter(torch.full((4,), 0.03, dtype=torch.bfloat16))
+        o = memory.AdamW([("w", w)], lr=1e-6, states=states)
+        for _ in range(steps):
+            w.grad = torch.ones_like(w)
+            o.step()
+        return w, o
+
+    w, _ = run("param")
+    assert torch.equal(w, torch.full((4,), 0.03, dtype=torch.bfloat16))  # every update rounded away
+    w, o = run("fp32")
+    master = o.state["w"]["master"]
+    assert master.dtype == torch.float32 and o.state["w"]["exp_avg"].dtype == torch.float32
+    assert float(master[0]) == pytest.approx(float(torch.tensor(0.03, dtype=torch.bfloat16)) - 100e-6, abs=2e-7)  # (fp32 rounding of 100 steps)
+    assert torch.equal(w, master.to(torch.bfloat16)) and float(w[0].detach()) < 0.03  # the accumulated updates landed
+
+    # state dict round trip (what checkpoints store)
+    sd = {k: {n: t.clone() for n, t in v.items()} for k, v in o.state_dict()["state"].items()}
+    _, o2 = run("fp32", steps=3)
+    o2.load_state_dict({"hparams": o.state_dict()["hparams"], "state": sd})
+    assert all(torch.equal(o2.state["w"][k], sd["w"][k]) for k in sd["w"])
+
+
+FAST = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "24", "--warm-steps", "3", "--eval-limit", "4",
+        "--eval-k", "1", "--micro-batch", "8", "--warmup-steps", "1", "--eval-every", "0", "--gate", "none", "--steps", "2"]  # fmt: skip
+
+
+def test_token_budget_grad_ckpt_and_optim_states_do_not_change_an_fp32_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the lab's warm-start cache goes to tmp_path/.cache
+
+    def run(out, *extra):
+        train.main(train.get_parser().parse_args([*FAST, "--out", str(tmp_path / out), *extra]))
+        return [r for r in map(json.loads, open(tmp_path / out / "metrics.jsonl")) if "loss" in r]
+
+    base = run("base")
+    # 60 padded tokens per micro-batch: rows are ~30-40 tokens long, so one or two rows per pass
+    other = run("other", "--micro-batch-tokens", "60", "--grad-ckpt", "on", "--optim-states", "param")
+    assert json.load(open(tmp_path / "other" / "args.json"))["grad_ckpt"] == "on"
+    for x, y in zip(base, other):
+        assert x["reward_mean"] == y["reward_mean"] and x["resp_len_mean"] == y["resp_len_mean"]
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+
+
+def test_sampling_in_waves_is_sampling_at_once():
+    # greedy decoding does not touch the random stream, so waves must give exactly one call's rollouts
+    m, tok = model_lib.load("tiny", seed=0)
+    prompts = [tok("Which pair sums to 5?")["input_ids"], tok("A: 1 4")["input_ids"], tok("B: 2 2, C: 3 2")["input_ids"]]
+    kw = dict(n=2, max_new_tokens=6, temperature=0.0, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    once = train.sample(m, prompts, **kw)
+    waves = train.sample_in_waves(m, prompts, rows=2, **kw)  # 3 waves of one prompt x 2 rows
+    for f in ("tokens", "lengths", "finished"):
+        assert torch.equal(getattr(once, f), getattr(waves, f)), f
+    torch.testing.assert_close(once.logprobs, waves.logprobs, atol=1e-5, rtol=0)  # (other padding: float rounding)
+
+
+def test_sample_rows_flag_runs_waves_in_train(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(train.get_parser().parse_args([*FAST, "--steps", "1", "--sample-rows", "4", "--out", str(tmp_path / "w")]))
+    recs = [r for r in map(json.loads, open(tmp_path / "w" / "metrics.jsonl")) if "loss" in r]
+    assert len(recs) == 1 and recs[0]["resp_len_mean"] > 0
+    with pytest.raises(SystemExit, match="--sample-rows"):
+        train.main(train.get_parser().parse_args([*FAST, "--sample-rows", "2", "--out", str(tmp_path / "bad")]))
