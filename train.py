@@ -372,7 +372,10 @@ def main(args: argparse.Namespace) -> dict:
     plan = memory.plan(model.config, gpu_bytes=mem, dtype_bytes=model.dtype.itemsize, states=args.optim_states, grad_ckpt=args.grad_ckpt == "on",
                        rows=N, prompt_len=max(len(task.prompt_ids(p)) for p in task.train[:64]), new_tokens=args.max_new_tokens, group=G, micro_batch_rows=args.micro_batch,
                        shards=D.world, tp=args.tp, n_params=n_params)  # fmt: skip
-    print(plan.table() + ("" if device.type == "cuda" else "\n  (CPU: budgets not applied; --micro-batch and all rows at once)"))
+    if device.type == "cuda" or not task.lab:
+        print(plan.table() + ("" if device.type == "cuda" else "\n  (CPU: budgets not applied; --micro-batch and all rows at once)"))
+    else:  # the lab on CPU: one line is enough (`python memory.py` prints a full plan)
+        print(plan.table().splitlines()[0] + ": the lab fits anywhere; budgets not applied on CPU")
     if device.type == "cuda":
         args.micro_batch_tokens = args.micro_batch_tokens or max(1, plan.micro_batch_tokens)
         args.sample_rows = args.sample_rows or max(G, plan.sample_rows)
@@ -505,7 +508,7 @@ def main(args: argparse.Namespace) -> dict:
             "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
             "teacher_entropy_mean": gate_lib.gate_statistic(t_ent, mask, "mean") if use_teacher else None,
             "gate_stat": h if use_teacher else None, "gate_kind": gate.kind,
-            "gate_open": bool(gate.open) if use_teacher else None, "lam": lam,
+            "gate_open": bool(gate.open) if use_teacher and args.method != "grpo" else None, "lam": lam,
             "u_mean": float(valid_u.mean()) if valid_u.numel() else None,
             "u_frac_neg": float((valid_u < 0).float().mean()) if valid_u.numel() else None,
             "u_p1": quantile(valid_u, 0.01) if valid_u.numel() else None,
