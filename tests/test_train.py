@@ -109,14 +109,16 @@ def test_non_finite_update_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(antisd, "policy_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     _, steps, _ = run(tmp_path, "--steps", "1", "--eval-every", "0")
     assert steps[0]["skipped"] is True
-    from safetensors.torch import load_file
+    import glob
 
-    import lab
-    import model as model_lib
+    from safetensors.torch import load_file
 
     # the checkpoint holds the warm-started weights unchanged (no NaN reached it)
     sd = load_file(tmp_path / "run" / "checkpoint-1" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in sd.values())
+    (warm,) = glob.glob(os.path.join(".cache", "lab", "warm-*", "model.safetensors"))  # the shared warm start
+    ref = load_file(warm)
+    assert ref.keys() == sd.keys() and all(torch.equal(ref[k], sd[k]) for k in ref)
 
 
 @pytest.mark.parametrize(
