@@ -294,8 +294,13 @@ def read_history(path, key="eval_acc"):
 
 
 def format_speedup(s, base_name="baseline", method_name="method"):
+    # histories hold either percentages (eval.py's Avg) or fractions (train.py's eval_acc):
+    # fractions need more digits to be told apart
+    vals = [s[k] for k in ("baseline_peak", "baseline_final", "method_peak", "method_final") if s[k] is not None]
+    digits = 3 if vals and max(abs(v) for v in vals) <= 1.0 else 1
+
     def fmt(v, step):
-        return "-" if v is None else f"{v:.1f}@{step}"
+        return "-" if v is None else f"{v:.{digits}f}@{step}"
 
     reach = "never" if s["method_reach_step"] is None else f"step {s['method_reach_step']}"
     ratio = "-" if s["ratio"] is None else f"{s['ratio']:.1f}x"
@@ -303,7 +308,7 @@ def format_speedup(s, base_name="baseline", method_name="method"):
         f"{'':<10}{'peak':>12}{'final':>12}",
         f"{base_name:<10}{fmt(s['baseline_peak'], s['baseline_peak_step']):>12}{fmt(s['baseline_final'], s['baseline_final_step']):>12}",
         f"{method_name:<10}{fmt(s['method_peak'], s['method_peak_step']):>12}{fmt(s['method_final'], s['method_final_step']):>12}",
-        f"{method_name} reaches {base_name}'s best Avg {s['baseline_best']:.1f} (step {s['baseline_best_step']}) at {reach}: speedup {ratio}",
+        f"{method_name} reaches {base_name}'s best Avg {s['baseline_best']:.{digits}f} (step {s['baseline_best_step']}) at {reach}: speedup {ratio}",
     ])  # fmt: skip
 
 
