@@ -214,24 +214,32 @@ def next_problems(task: Task, state: dict, B: int) -> list[dict]:
 
 
 def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, *, rows, no_teacher, temperature, with_teacher):
-    """antisd.pmi (or the student score alone) over row chunks, trimming each chunk's padding.
+    """antisd.pmi (or the student score alone) over chunks of `rows` rollouts.
 
+    Rows are scored in order of (longest prompt + response length), so each chunk holds rows
+    of similar length and little padding: every chunk is padded to its own longest prompt and
+    response. Each row's scores do not depend on which rows share its chunk (tested in
+    tests/test_model.py), only the padding work does.
     Returns u, teacher entropy, student logp, each (N, T) fp32 (u and entropy are None
     without the teacher pass).
     """
     N, T = responses.shape
     out = {k: torch.zeros(N, T, device=responses.device) for k in ("u", "ent", "s")}
+    tps = teacher_prompts if (with_teacher and not no_teacher) else student_prompts
+    order = sorted(range(N), key=lambda i: (len(tps[i]) + int(lengths[i]), i))  # similar lengths together
     for a in range(0, N, rows):
-        idx = slice(a, min(N, a + rows))
+        ids = order[a : a + rows]
+        idx = torch.tensor(ids, device=responses.device)  # (n,) rows of this chunk
         Tm = int(lengths[idx].max())  # trim the chunk to its longest response
-        resp, lens = responses[idx, :Tm], lengths[idx]
+        resp, lens = responses[idx, :Tm], lengths[idx]  # (n, Tm), (n,)
+        sp = [student_prompts[i] for i in ids]
         if with_teacher:
-            tp = None if no_teacher else teacher_prompts[idx]
-            u, ent, s, _ = antisd.pmi(model, student_prompts[idx], tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
+            tp = None if no_teacher else [teacher_prompts[i] for i in ids]
+            u, ent, s, _ = antisd.pmi(model, sp, tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
             out["u"][idx, :Tm], out["ent"][idx, :Tm] = u, ent
         else:
             with torch.no_grad():
-                s, _ = model_lib.response_logprobs(model, student_prompts[idx], resp, lens, temperature=temperature)
+                s, _ = model_lib.response_logprobs(model, sp, resp, lens, temperature=temperature)
         out["s"][idx, :Tm] = s
     return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
 
