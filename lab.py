@@ -51,6 +51,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import torch
 from tqdm.auto import tqdm
@@ -230,9 +231,12 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     if path:
-        tmp = path + ".tmp"
+        tmp = f"{path}.tmp-{os.getpid()}"  # atomic: write aside, then one rename
         model_lib.save(model, tokenizer, tmp)
-        os.replace(tmp, path) if not os.path.exists(path) else None
+        if os.path.exists(path):  # another process cached the same warm start first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
         print(f"warm start: cached at {path}")
     return model
 
