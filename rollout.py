@@ -206,7 +206,7 @@ def sample(
         cache = Cache(layers=[_SlabLayer(P + T) for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
     else:
         cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=pmask.long(), position_ids=positions_from_mask(pmask), cache=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=pmask.long(), position_ids=positions_from_mask(pmask), past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]  # (B, V)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -269,7 +269,7 @@ def sample(
             input_ids=tok[:, None],
             attention_mask=attn[..., : P + t + 1],  # (A, 1, 1, P+t+1) fast, else (A, P+t+1)
             position_ids=pos + t,  # (A, 1)
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
         )
         logits = out.logits[:, -1]  # (A, V)
