@@ -335,7 +335,10 @@ def check_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, warm_steps=args.warm_steps, seed=args.seed)
+    try:
+        model, tok = load_model(args.model, warm_steps=args.warm_steps, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:  # a missing checkpoint dir: one line, not a hub traceback
+        raise SystemExit(f"inspect_pmi.py: --model: {e}") from None
     lab_mode = is_lab_model(args.model) and args.prompt is None
     problem = None
     if lab_mode:

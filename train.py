@@ -1,6 +1,6 @@
 """train.py: GRPO + AntiSD, one linear loop from arguments to update.
 
-    python train.py                                        # the CPU lab, end to end (~10 min)
+    python train.py                                        # the CPU lab, end to end (~10 min on 2 cores, 1 thread)
     python train.py --model Qwen/Qwen3-4B-Instruct-2507    # the paper's setting on a GPU
     python train.py --method grpo --out runs/grpo          # the baseline (see --help for all variants)
 
@@ -30,7 +30,11 @@ evaluation; see lab.py for how the lab maps onto the paper's setting. Other mode
 
 Checkpoints: OUT/checkpoint-<step>/ holds the model in HF format (loadable with
 AutoModelForCausalLM.from_pretrained) and trainer_state.pt (optimizer, RNG states, data
-cursor, gate), written to a temp dir then renamed. --resume continues exactly.
+cursor, gate), written to a temp dir then renamed. --resume continues exactly, with the run's
+own flags (RESUME_FLAGS may change), from the newest complete checkpoint. The run directory's
+rules (one live run, no fresh run into another run's files, log lines cut back on resume, a
+corrupt checkpoint skipped, disk full reported) are in runs.py. Ctrl-C, SIGTERM and the file
+OUT/STOP finish the step, save and exit non-zero (130 / 143 / 75); a finished run exits 0.
 
 Real sizes (memory.py, dist.py): at startup the memory plan is printed (weights, grads, AdamW
 states, activations per micro-batch, KV cache); on a GPU it picks the micro-batch token budget
@@ -68,7 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (thinking models); default: the template's own default")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype; default fp32 on CPU, bf16 on GPU")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; default cuda if available")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for the lab (a second thread gains ~1.4x on an idle 2-core machine and loses ~10x when anything else runs), torch's own default otherwise")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for the lab (on 2 cores a second thread is 1.3-1.4x faster when the machine is idle and 2-12x slower when anything else runs: LOG.md), torch's own default otherwise")
     g.add_argument("--init-from", default=None, help="start a NEW run from this checkpoint dir (weights only; fresh optimizer, gate re-warmed): continual AntiSD from a GRPO checkpoint")
     g = p.add_argument_group("method (SPEC section 2)")
     g.add_argument("--method", default="antisd", choices=["grpo", "sd", "antisd", "revkl", "mult"], help="per-token term added to A_seq: grpo none, sd +lam*u, antisd -lam*phi(u), revkl -lam*u, mult A_seq*(1-lam*phi(u))")
@@ -730,5 +734,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # step lines reach a log file (python train.py > log) as they happen
     summary = main(ARGS)
     sys.exit(runs.Stop.EXIT[summary.get("stopped")])  # 0 = finished; 130 / 143 / 75 = stopped by SIGINT / SIGTERM / OUT/STOP, resumable

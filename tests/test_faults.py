@@ -441,6 +441,9 @@ def test_inspect_pmi_problem_out_of_range():
     with pytest.raises(SystemExit) as e:
         inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--problem", "999", "--warm-steps", "0", "--no-color"]))
     assert "--problem 999" in str(e.value) and "0 to 199" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # README's example before `python train.py` ran: one line, no hub traceback
+        inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--model", "runs/antisd-tiny-s0/checkpoint-60"]))
+    assert "runs/antisd-tiny-s0/checkpoint-60' does not exist" in str(e.value)
 
 
 def test_a_cache_directory_that_cannot_be_written(tmp_path, monkeypatch, capsys):
