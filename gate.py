@@ -406,6 +406,8 @@ class PerplexityGate:
             "reactivate_ratio": self.reactivate_ratio, "delta": self.delta, "spike": self.spike,
         }  # fmt: skip
 
+    kind = "tppl"  # the statistic it watches (EntropyGate.kind: "median" / "mean")
+
     _STATE = ("step", "warmup_tppl", "warmup_u_std", "median", "target", "reactivate", "sigma_ref", "active", "prev_stat")
 
     def state_dict(self) -> dict:
