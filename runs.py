@@ -270,29 +270,28 @@ def write_failed(what: str, e: BaseException, out: str, *, cleanup: str | None =
 class Log:
     """An append-only JSONL file whose lines are written whole. A write that fails (disk full)
     is cut back to the last whole line and ends the run with write_failed's message, so no
-    reader ever meets a half line. path None: a no-op (ranks other than 0)."""
+    reader ever meets a half line. The file is opened for each line (a few per step), so no
+    descriptor outlives a run that ends by an exception. path None: a no-op (ranks other than 0)."""
 
     def __init__(self, path: str | None):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
 
     def write(self, rec: dict) -> None:
-        if self.fd is None:
+        if self.path is None:
             return
         data = memoryview((json.dumps(rec) + "\n").encode())
-        end = os.lseek(self.fd, 0, os.SEEK_END)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            while data:
-                data = data[os.write(self.fd, data) :]  # a short write leaves the rest for the next call
-        except OSError as e:
-            os.ftruncate(self.fd, end)
-            out = os.path.dirname(self.path) or "."
-            raise SystemExit(write_failed(os.path.basename(self.path), e, out)) from e
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]  # a short write leaves the rest for the next call
+            except OSError as e:
+                os.ftruncate(fd, end)
+                out = os.path.dirname(self.path) or "."
+                raise SystemExit(write_failed(os.path.basename(self.path), e, out)) from e
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

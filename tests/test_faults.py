@@ -325,7 +325,9 @@ def test_disk_full_on_a_real_tmpfs(tmp_path):
         _check_after_a_failed_save(out, e, 1)
         shutil.copytree(out, tmp_path / "moved")  # room elsewhere: the run goes on from checkpoint-1
     finally:
-        subprocess.run(["umount", str(mnt)])
+        train.runs.unlock(str(out))  # (the failed run's lock, still open in this process)
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])  # never leave the mount behind
     run(tmp_path / "moved", "--resume")
     assert [r["step"] for r in steps_of(tmp_path / "moved")] == [1, 2, 3]
 
@@ -483,6 +485,7 @@ def test_help_needs_no_torch_and_choices_match():
     p = train.get_parser()
     choices = {a.dest: a.choices for a in p._actions}
     assert tuple(choices["method"]) == antisd.METHODS and tuple(choices["optim_states"]) == memory.AdamW.STATES
+    assert tuple(choices["recipe"]) == antisd.RECIPES
 
 
 def test_eval_table_starts_its_own_line_in_a_log(capsys):
