@@ -479,6 +479,7 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
+@runs.scoped  # handlers and the --out lock are given back however main ends (an in-process caller reruns)
 def main(args: argparse.Namespace) -> dict:
     given = typed_flags(args)
     args = resolve_args(args)
