@@ -30,8 +30,8 @@ scored 0, the wrong `\\frac{1}{m}` 1) and `\\frac{37}{4} m` became 37/4. `normal
     text-set units are dropped (`1.6 \\mathrm{~cm}`, `4.5 \\times 10^{33} \\mathrm{ergs}
     \\mathrm{s}^{-1}`, `5 \\text{ m/s}`) unless text is all there is (`\\text{(C)}`); a bare
     unit word is dropped only after a plain number and only from `_BARE_UNITS` (`1.6 cm`,
-    `3 \\times 10^{8} km`), never a single letter (`\\frac{1}{m} t`, `2.2 \\tau`, `9.25 m`
-    stay products with a variable);
+    `3 \\times 10^{8} km/s`, `5 students`), never a single letter on its own
+    (`\\frac{1}{m} t`, `2.2 \\tau`, `9.25 m` stay products with a variable);
   - one `\\pm` (or `\\mp`) -> the two-element list: `\\frac{-1 \\pm \\sqrt{17}}{2}` ->
     `\\frac{-1 + \\sqrt{17}}{2}, \\frac{-1 - \\sqrt{17}}{2}`, equal to HMMT's two-root gold.
 Everything else (fractions, radicals, sets, intervals, equations, percent, degrees,
@@ -167,16 +167,20 @@ _TEXT_UNIT_TAIL = re.compile(
 _UNIT_JOINER_TAIL = re.compile(r"(?:\s|\\[,;:! ]|~|/|\\cdot|\\times|\*)+$")
 # Bare unit words, dropped only after a plain number. No single letters: m, s, t, c, ...
 # are variables as often as units (Minerva's `\frac{37}{4} m`, `\frac{1}{\sqrt{2}} c`).
+# Physical units, then the word-problem ones math-verify's own list covered; a plural
+# s / es is accepted on each.
 _BARE_UNITS = (
-    "cm mm km nm um pm Mpc kpc pc AU ly kg mg mol eV keV MeV GeV Hz kHz MHz GHz Pa kPa atm erg ergs "
-    "yr yrs year years day days hr hrs hour hours min mins minute minutes sec secs second seconds ms ns "
-    "deg degree degrees rad feet foot ft inch inches mile miles mph meter meters metre metres gram grams "
-    "liter liters litre litres mL ml cal kcal dollar dollars cent cents unit units"
+    "cm mm km nm um pm Mpc kpc pc AU ly kg mg mol eV keV MeV GeV Hz kHz MHz GHz Pa kPa atm erg "
+    "yr hr min sec ms ns deg rad ft mph kmh mL ml cal kcal "
+    "year month week day hour minute second degree feet foot inch yard mile acre hectare meter metre "
+    "gram pound ounce liter litre gallon dollar cent rupee unit point student people person man men "
+    "woman women way coin apple ticket"
 ).split()
-_BARE_UNIT_TAIL = re.compile(
+_UNIT_WORD = r"(?:" + "|".join(sorted(_BARE_UNITS, key=len, reverse=True)) + r")(?:e?s)?(?:\s*\^\s*(?:\{[-+]?\d+\}|[-+]?\d))?"
+_BARE_UNIT_TAIL = re.compile(  # a plain number, a unit word, more unit words or "/letter" (km/s)
     r"^(?P<num>[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:\s*\\times\s*10\s*\^\s*(?:\{[-+]?\d+\}|\d))?)"
-    r"(?P<units>(?:\s*(?:\\[,;:! ]|~|/|\\cdot)?\s*(?:" + "|".join(sorted(_BARE_UNITS, key=len, reverse=True)) + r")"
-    r"(?:\s*\^\s*(?:\{[-+]?\d+\}|[-+]?\d))?)+)\s*$"
+    r"\s*(?:\\[,;:! ]|~)?\s*" + _UNIT_WORD
+    + r"(?:\s*(?:(?:\\[,;:! ]|~|/|\\cdot)\s*)?" + _UNIT_WORD + r"|\s*/\s*[A-Za-z](?:\^\{?-?\d\}?)?)*\s*$"
 )  # fmt: skip
 
 

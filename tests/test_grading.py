@@ -206,6 +206,10 @@ def test_grade_real_gold_wrong_answers(pred, gold):
         ("\\frac{1}{m} t", "\\frac{1}{m} t"),
         ("3 \\times 10^{8} km", "3 \\times 10^{8}"),
         ("5 m", "5 m"),  # a single letter is never taken for a unit
+        ("5 m/s", "5 m/s"),
+        ("3 km/s", "3"),  # ... except after "/" behind a unit word
+        ("5 students", "5"),  # the word-problem units math-verify's list covered
+        ("12 \\, inches", "12"),
         ("1 \\pm \\sqrt{19}", "1 + \\sqrt{19}, 1 - \\sqrt{19}"),
         ("a \\mp b", "a - b, a + b"),
         ("\\pm 1, \\pm 2", "\\pm 1, \\pm 2"),  # a list already: left alone
