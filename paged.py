@@ -13,8 +13,8 @@ this file owns the storage and the kernels' glue:
    the first write (so tensor-parallel ranks get their local head count and dtype). Slot
    `page * page_size + offset` holds one token. Before each forward the engine sets
        write (Q,)  the slot of every new token, flattened row-major over (rows, new tokens)
-       read  (A, S) the slots of each row's context, in position order (None in a prefill:
-                    every prefill item is fed whole, so its context IS the new tokens)
+       read  (A, S / ps) the pages of each row's context, in position order (None in a
+                    prefill: every prefill item is fed whole, so its context IS the new tokens)
    and `update` writes the new K/V to their slots and returns what attention reads:
      - reference path (everywhere): the gathered dense context (A, H, S, D); the engine
        passes a 4D additive mask built from lengths, and the model's own sdpa / eager
@@ -86,7 +86,7 @@ class PagedCache(Cache):
         self.k: list[torch.Tensor | None] = [None] * num_layers  # each (NP * ps, H, D)
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.write: torch.Tensor | None = None  # (A * Q,) long
-        self.read: torch.Tensor | None = None  # (A, S) long, or None in a prefill
+        self.read: torch.Tensor | None = None  # (A, S / ps) long page ids, or None in a prefill
 
     def __len__(self) -> int:
         return self.num_layers
@@ -107,7 +107,22 @@ class PagedCache(Cache):
             return key_states, value_states
         if not self.dense:  # flex path: attention reads the pools in place
             return kp, vp
-        return kp[self.read].transpose(1, 2), vp[self.read].transpose(1, 2)  # (A, H, S, D): the reference gather
+        # the reference gather, whole pages at a time (a page is one contiguous ps x H x D block)
+        # into two buffers shared by all layers (layer i's attention is done before layer i+1
+        # writes; a fresh multi-MB tensor per call costs more than the copy on CPU)
+        A, n_pg = self.read.shape
+        flat = self.read.reshape(-1)  # (A * S/ps,)
+        kb, vb = self._buffers(flat.numel(), kp.view(self.num_pages, -1))
+        torch.index_select(kp.view(self.num_pages, -1), 0, flat, out=kb)
+        torch.index_select(vp.view(self.num_pages, -1), 0, flat, out=vb)
+        S = n_pg * self.page_size
+        return kb.view(A, S, H, D).transpose(1, 2), vb.view(A, S, H, -1).transpose(1, 2)  # (A, H, S, D)
+
+    def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (rows, page bytes) of the reusable gather buffers, grown when too small."""
+        if getattr(self, "_kb", None) is None or self._kb.shape[0] < rows:
+            self._kb, self._vb = like.new_empty(rows, like.shape[1]), like.new_empty(rows, like.shape[1])
+        return self._kb[:rows], self._vb[:rows]
 
     @torch.no_grad()
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
@@ -120,13 +135,6 @@ class PagedCache(Cache):
         for pool in self.k + self.v:
             view = pool.view(self.num_pages, ps, *pool.shape[1:])  # (NP, ps, H, D)
             view.index_copy_(0, d, view.index_select(0, s))
-
-
-def slots_of(page_table: torch.Tensor, S: int, page_size: int) -> torch.Tensor:
-    """(A, max_pages) page ids -> (A, S) slot of every position 0..S-1 (pages past a row's end
-    hold 0: a valid slot whose score the length mask removes)."""
-    j = torch.arange(S, device=page_table.device)  # (S,)
-    return page_table[:, j // page_size] * page_size + j % page_size  # (A, S)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

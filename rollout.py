@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paged import PagedCache, PagePool, additive_mask, slots_of
+from paged import PagedCache, PagePool, additive_mask
 
 
 @dataclass
@@ -430,8 +430,8 @@ def sample(
         ctx = [sched.ctx[r] for r in live]
         pos = torch.tensor(ctx, device=device)  # (A,)
         S = sched.pages_for(max(ctx) + 1) * ps  # whole pages
-        read = slots_of(page_table[live, : S // ps].to(device), S, ps)  # (A, S)
-        cache.write = read.gather(1, pos[:, None]).squeeze(1)  # (A,)
+        read = page_table[live, : S // ps].to(device)  # (A, S / ps) pages past a row's end hold 0: masked below
+        cache.write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
         cache.read = read
         allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
         out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask={"full_attention": additive_mask(allowed[:, None], dtype)},
