@@ -19,6 +19,11 @@ One step (SPEC section 1; every line below is a banner in the loop):
                 share one token count), AdamW, grad-norm clip 1.0, KL 0
   9) log/save   metrics.jsonl, console line, sample dumps, atomic checkpoints
 
+--recipe official runs the authors' launcher instead of the paper's text (README "Which
+AntiSD?"): 4) group-only peers cut at the final answer, 6) a per-response lambda from the
+teacher's perplexity (gate.PerplexityGate), 7) the token term on a clipped u, z-scored within
+each response (antisd.official_token_advantages).
+
 Strictly on-policy by default (one optimizer update per rollout batch): old_logp = s_t from
 step 5, so the PPO ratio is 1 at the update and the clip never binds; the clipped form is
 kept so forks can add more epochs. GRPO runs skip the teacher pass (its only extra cost)
@@ -78,6 +83,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-from", default=None, help="start a NEW run from this checkpoint dir (weights only; fresh optimizer, gate re-warmed): continual AntiSD from a GRPO checkpoint")
     g = p.add_argument_group("method (SPEC section 2)")
     g.add_argument("--method", default="antisd", choices=list(antisd.METHODS), help="per-token term added to A_seq: grpo none, sd +lam*u, antisd -lam*phi(u), revkl -lam*u, mult A_seq*(1-lam*phi(u))")
+    g.add_argument("--recipe", default="paper", choices=list(antisd.RECIPES), help="paper: the paper's text (this list of flags); official: the authors' launcher (README 'Which AntiSD?'): clipped u, token term z-scored per response, per-response lambda from the teacher's perplexity (gate.PerplexityGate, --warmup-steps), group-only peers; --lam/--gate/--tau do not apply; methods grpo/sd/antisd")
+    g.add_argument("--len-mask", type=int, default=None, help="official recipe: responses of >= this many tokens get no token term (LEN_MASK; 0 = off); default 12000/16384 of --max-new-tokens (12000 at the authors' 16384)")
     g.add_argument("--lam", type=float, default=0.5, help="lambda while the gate is open")
     g.add_argument("--gate", default=None, choices=["median", "mean", "none"], help="gate statistic; none = always open (no-gate ablation); default none for sd, median otherwise")
     g.add_argument("--tau", type=float, default=0.93, help="gate ratio: close when H < tau * H_warm")
@@ -128,9 +135,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     lab = args.model == "tiny"
     real = dict(prompts_per_step=32, max_new_tokens=8192, steps=200, lr=1e-6, micro_batch=4, eval_every=0, max_solution_tokens=1024)
     small = dict(prompts_per_step=16, max_new_tokens=96, steps=60, lr=1e-4, micro_batch=64, eval_every=10, max_solution_tokens=128)
+    if args.recipe == "official":  # the launcher's budget (max_solution_tokens 3072); the lab keeps its own
+        real["max_solution_tokens"] = antisd.OFFICIAL_MAX_SOLUTION_TOKENS
     for k, v in (small if lab else real).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.len_mask is None:
+        args.len_mask = round(antisd.LEN_MASK_FRACTION * args.max_new_tokens) if args.recipe == "official" else 0
     if args.gate is None:
         args.gate = "none" if args.method == "sd" else "median"
     if args.grad_ckpt == "auto":
@@ -138,7 +149,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.data is None:
         args.data = "lab" if lab else "dapo"
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}-{args.model.replace('/', '_').replace(':', '_')}-s{args.seed}")
+        tag = args.method + ("-official" if args.recipe == "official" else "")
+        args.out = os.path.join("runs", f"{tag}-{args.model.replace('/', '_').replace(':', '_')}-s{args.seed}")
     checks = [
         (args.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
         (args.group_size >= 2, "--group-size must be >= 2 (GRPO needs a group)"),
@@ -151,6 +163,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (0 <= args.tau <= 1, "--tau must be in [0, 1]"),
         (args.lam >= 0, "--lam must be >= 0"),
         (args.warmup_steps >= 1, "--warmup-steps must be >= 1"),
+        (args.recipe == "paper" or args.method in antisd.OFFICIAL_METHODS, f"--recipe official has methods {'/'.join(antisd.OFFICIAL_METHODS)}, not --method {args.method}"),
+        (args.recipe == "paper" or not args.no_teacher, "--recipe official has no --no-teacher ablation"),
+        (args.recipe == "official" or args.len_mask == 0, "--len-mask is an option of --recipe official"),
+        (args.len_mask >= 0, "--len-mask must be >= 0"),
         (not (args.resume and args.init_from), "--resume and --init-from exclude each other"),
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
         (args.tp >= 1, "--tp must be >= 1"),
@@ -196,6 +212,12 @@ class Task:
     def prompt_ids(self, problem: dict) -> list[int]:
         msgs = [{"role": "user", "content": self.user_text(problem)}]
         return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False, **self.template_kw))
+
+    def answer_match(self, content: str, answer: str) -> bool:
+        """Does a \\boxed{content} answer `answer`? (the official recipe's cut at the final answer)"""
+        if self.lab:
+            return self._grade(f"\\boxed{{{content}}}", answer) > 0.5
+        return self._grading.grade(f"\\boxed{{{content}}}", answer) > 0.5
 
     def grade(self, texts: list[str], answers: list[str]) -> list[float]:
         if self.lab:
@@ -342,7 +364,11 @@ def main(args: argparse.Namespace) -> dict:
 
         benches = eval_lib.load_benchmarks(args.eval_bench.split(","), k=args.eval_k, limit=args.eval_limit)
     opt = memory.AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), states=args.optim_states)
-    gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
+    if args.recipe == "official":  # per-response lambda; run/<model>/sd.sh: target = median - 0.1, no hysteresis
+        sd = args.method == "sd"
+        gate = gate_lib.PerplexityGate(args.warmup_steps, **({"target_ratio": 0.0, "reactivate_ratio": 0.0} if sd else {}))
+    else:
+        gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
     # rollouts + teacher-context choice; FSDP: each data-parallel rank its own stream, TP: the same on every rank
     gen = torch.Generator(device=device).manual_seed(args.seed + D.dp_rank)
     state = {"cursor": 0, "data_seed": args.seed}
@@ -398,7 +424,8 @@ def main(args: argparse.Namespace) -> dict:
     use_teacher = args.method != "grpo" or args.log_teacher
     eos = [tokenizer.eos_token_id]
     par = {"single": "", "tp": f" | tensor parallel {D.world}", "fsdp": f" | FSDP over {D.world} ranks, B {B} each"}[D.mode]
-    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} lam {args.lam} gate {args.gate} tau {args.tau} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
+    how = f"lam {args.lam} gate {args.gate} tau {args.tau}" if args.recipe == "paper" else f"recipe official (per-response lambda, len-mask {args.len_mask})"
+    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
         ev = evaluate(args, task, model, tokenizer, 0, benches)
@@ -448,6 +475,7 @@ def main(args: argparse.Namespace) -> dict:
                 tokenizer, [task.user_text(p) for p in problems], responses, lengths, rewards, G,
                 references=[task.reference(p) for p in problems], max_solution_tokens=args.max_solution_tokens,
                 enable_thinking=task.template_kw.get("enable_thinking"), generator=gen,
+                recipe=args.recipe, answers=[p["answer"] for p in problems], answer_match=task.answer_match,
             )  # fmt: skip
 
         # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
@@ -457,7 +485,13 @@ def main(args: argparse.Namespace) -> dict:
         t_score = time.time() - t1
 
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
-        if use_teacher:
+        lam_rows = None
+        if args.recipe == "official" and args.method != "grpo":  # lambda per response from the teacher's perplexity
+            tppl = antisd.teacher_perplexity(u + old_logp, mask)  # (N,) t = u + s (pmi's u = t - s)
+            gate.update(D.gather(tppl))  # the step's statistic: every rank's rows
+            lam_rows = gate.lam_rows(tppl).float()  # (N,) this rank's rows
+            h, lam = float("nan"), float(D.gather(lam_rows).mean())
+        elif use_teacher:
             ent_all = D.gather(t_ent[mask])  # (M,) valid tokens of the step
             h = gate_lib.gate_statistic(ent_all, torch.ones_like(ent_all, dtype=torch.bool), kind=gate.kind)
             lam = gate.update(h) if args.method != "grpo" else 0.0
@@ -465,7 +499,15 @@ def main(args: argparse.Namespace) -> dict:
             h, lam = float("nan"), 0.0
 
         # --- 7) per-token advantages ---
-        adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
+        if args.recipe == "official":  # per whole row: any micro-batch of rows with lam_rows[idx] gives its rows' values
+            adv, zeroed = antisd.official_token_advantages(seq_adv, u, mask, method=args.method, lam=lam_rows, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)  # (N, T)
+            # warm-up (lambda = 0): sigma_ref of the u-clip, torch.std over the step's valid tokens (formed per
+            # micro-batch, accumulate n, sum u, sum u^2 in fp64 and record once per step)
+            if args.method != "grpo" and gate.needs_u_std:
+                uv = D.gather(u[mask])  # (M,) the step's valid tokens
+                gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
+        else:
+            adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
@@ -499,6 +541,15 @@ def main(args: argparse.Namespace) -> dict:
         # --- 9) log ---
         dt = time.time() - t0
         finished = roll.finished
+        off = {}  # the official recipe's quantities (README "Which AntiSD?"); None under the paper's
+        if args.recipe == "official" and args.method != "grpo":
+            lam_all, tppl_all = D.gather(lam_rows), D.gather(tppl)  # (N_all,) each
+            long_rows = D.gather(lengths >= args.len_mask) if args.len_mask else torch.zeros(0, dtype=torch.bool)
+            off = {"lam_std": float(lam_all.std()) if lam_all.numel() > 1 else 0.0, "lam_max": float(lam_all.max()),
+                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(int(zeroed.sum())) / num_tokens,
+                   "sigma_ref": gate.sigma_ref, "tppl_mean": float(tppl_all.mean()), "tppl_target": gate.target,
+                   "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
+                   "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
         if D.dp_size > 1:  # FSDP: gather every rank's rows (rank order = the step's batch), so the record is the step's
             rewards, lengths, finished = D.gather(rewards), D.gather(lengths), D.gather(finished)
             old_logp, u, t_ent = (D.gather(x) if x is not None else None for x in (old_logp, u, t_ent))
@@ -513,7 +564,8 @@ def main(args: argparse.Namespace) -> dict:
             "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
             "teacher_entropy_mean": gate_lib.gate_statistic(t_ent, mask, "mean") if use_teacher else None,
             "gate_stat": h if use_teacher else None, "gate_kind": gate.kind,
-            "gate_open": bool(gate.open) if use_teacher and args.method != "grpo" else None, "lam": lam,
+            "gate_open": bool(gate.open) if use_teacher and args.method != "grpo" else None, "lam": lam, "recipe": args.recipe,
+            **{k: off.get(k) for k in ("lam_std", "lam_max", "lam_pos_frac", "u_zeroed_frac", "sigma_ref", "tppl_mean", "tppl_target", "tppl_masked_frac", "len_masked_frac")},
             "u_mean": float(valid_u.mean()) if valid_u.numel() else None,
             "u_frac_neg": float((valid_u < 0).float().mean()) if valid_u.numel() else None,
             "u_p1": quantile(valid_u, 0.01) if valid_u.numel() else None,
