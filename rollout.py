@@ -344,6 +344,15 @@ def default_kv_tokens(model, rows: int, row_tokens: int, page_size: int, device:
     return max(1, min(want, int(0.9 * free - rows * 24 * cfg.vocab_size) // per_token))
 
 
+def _decode_step(model, cache: PagedCache, cache_kw: str, last, pos, read, write, mask) -> torch.Tensor:
+    """One decode forward, the part `compile=` hands to torch.compile: last (A,) tokens at
+    positions pos (A,), context pages read (A, S/ps), new slots write (A,), additive mask
+    (A, 1, 1, S) -> next-token logits (A, V)."""
+    cache.read, cache.write = read, write
+    out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask={"full_attention": mask}, use_cache=True, **{cache_kw: cache})
+    return out.logits[:, -1]
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -361,6 +370,7 @@ def sample(
     page_size: int = 16,
     max_rows: int | None = None,
     prefill_tokens: int = 4096,
+    compile: str | None = None,
 ) -> Rollout:
     """Sample n responses for each prompt (rows prompt-major). See the module docstring.
 
@@ -371,6 +381,9 @@ def sample(
         memory plan's budget). page_size: tokens per page.
     max_rows: rows decoding at once (default: all N). prefill_tokens: tokens per packed
         prefill call (one item may exceed it alone).
+    compile: a torch.compile backend for the decode step ("inductor"; the test uses
+        "aot_eager" to keep compile time small), None = eager. Shapes are dynamic (A and S
+        change every step), so it compiles once per sample() call, not per batch size.
     """
     if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or max_new_tokens < 1 or n < 1:
         raise ValueError(f"sample: bad arguments temperature={temperature} top_p={top_p} top_k={top_k} max_new_tokens={max_new_tokens} n={n}")
@@ -390,6 +403,7 @@ def sample(
                       max_rows=max_rows, prefill_tokens=prefill_tokens)  # fmt: skip
     ps = page_size
     cache_kw = _cache_kw(model)
+    step = _decode_step if compile is None else torch.compile(_decode_step, backend=compile, dynamic=True)
     cache = PagedCache(model.config.get_text_config(decoder=True).num_hidden_layers, sched.pool.num_pages, ps)
     # page tables of all rows on the host, (N, pages of a full row); a decode step copies the live rows' part over
     page_table = torch.zeros(N, sched.pages_for(max(map(len, prompts)) + T), dtype=torch.long)
@@ -431,12 +445,9 @@ def sample(
         pos = torch.tensor(ctx, device=device)  # (A,)
         S = sched.pages_for(max(ctx) + 1) * ps  # whole pages
         read = page_table[live, : S // ps].to(device)  # (A, S / ps) pages past a row's end hold 0: masked below
-        cache.write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
-        cache.read = read
+        write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
         allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
-        out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask={"full_attention": additive_mask(allowed[:, None], dtype)},
-                    use_cache=True, **{cache_kw: cache})  # fmt: skip
-        return out.logits[:, -1]  # (A, V)
+        return step(model, cache, cache_kw, last, pos, read, write, additive_mask(allowed[:, None], dtype))  # (A, V)
 
     while sched.busy:
         # --- admit waiting prompts (and preempted rows) and prefill them ---

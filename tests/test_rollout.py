@@ -13,6 +13,8 @@ near-tied argmaxes, where float noise between two correct implementations flips 
 `_greedy_reference` asserts the margin so a failure cannot be a near-tie.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -441,3 +443,17 @@ def test_bad_arguments(tiny):
             sample(model, PROMPTS, **args)
     with pytest.raises(ValueError):
         sample(model, [[1, 2], []], max_new_tokens=4, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+
+
+@pytest.mark.skipif(not os.environ.get("ANTISD_SLOW_TESTS"), reason="torch.compile of the decode step takes 1-4 min of CPU here; ANTISD_SLOW_TESTS=1 runs it")
+def test_compiled_decode_step_equals_eager(tiny):
+    """The decode step under torch.compile (dynamo + AOT autograd, the "aot_eager" backend: the
+    graph capture and functionalisation of the cache writes, without inductor's C++ build, to
+    keep the test's compile time small) samples the same tokens as eager, with preemption."""
+    model, tok = tiny
+    kw = dict(n=2, max_new_tokens=10, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id, page_size=4, kv_tokens=48)
+    eager = sample(model, PROMPTS, generator=torch.Generator().manual_seed(4), **kw)
+    torch._dynamo.reset()
+    comp = sample(model, PROMPTS, generator=torch.Generator().manual_seed(4), compile="aot_eager", **kw)
+    assert torch.equal(comp.tokens, eager.tokens) and torch.equal(comp.lengths, eager.lengths)
+    torch.testing.assert_close(comp.logprobs, eager.logprobs, atol=1e-5, rtol=0)
