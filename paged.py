@@ -18,11 +18,10 @@ this file owns the storage and the kernels' glue:
    and `update` writes the new K/V to their slots and returns what attention reads:
      - reference path (everywhere): the gathered dense context (A, H, S, D); the engine
        passes a 4D additive mask built from lengths, and the model's own sdpa / eager
-       attention runs unchanged (the mask goes in as {"full_attention": mask}, which every
-       5.x model accepts as "already prepared" and does not rebuild).
-     - flex path (CUDA): the pools themselves; `flex_paged_attention` (registered with
-       transformers' `AttentionInterface`) reads the pages in place through a BlockMask
-       built from the page table (no dense copy). See `FlexPaged`.
+       attention runs unchanged (a 4D mask is "already prepared": transformers 5.17-5.24
+       return it as-is instead of building one).
+     - in-place path (`dense=False`): the pools themselves, for an attention function that
+       reads the pages through the page table (FlexAttention; not written yet).
 
 Shapes: A live rows, Q new tokens per row (1 in decode), S context slots per row, H KV heads,
 D head dim, NP pages, ps page size.
@@ -105,7 +104,7 @@ class PagedCache(Cache):
         vp.index_copy_(0, self.write, value_states.transpose(1, 2).reshape(A * Q, H, -1))
         if self.read is None:  # prefill: the context is the new tokens themselves
             return key_states, value_states
-        if not self.dense:  # flex path: attention reads the pools in place
+        if not self.dense:  # in-place path: attention reads the pools itself
             return kp, vp
         # the reference gather, whole pages at a time (a page is one contiguous ps x H x D block)
         # into two buffers shared by all layers (layer i's attention is done before layer i+1

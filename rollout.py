@@ -33,10 +33,11 @@ lives. The engine, in the spirit of vLLM / nano-vllm, in plain PyTorch over the 
      boundary (~1e-6 per token), and log-probs agree to ~1e-6.
   4. Attention (paged.py): the reference path gathers each row's pages into a dense
      (A, H, S, D) context and runs the model's own sdpa / eager attention with a length
-     mask; on CUDA a FlexAttention path reads the pages in place (`attention="flex"`).
+     mask. A fast path that reads the pages in place (FlexAttention with a page table) is
+     not written yet (see bench/README.md).
      Hooked in through transformers' public extension points only: a `Cache` subclass, a
-     prepared mask passed as {"full_attention": mask}, explicit `position_ids`, and
-     `AttentionInterface.register` for the flex kernel.
+     prepared 4D mask (returned as-is by transformers' mask builders, 5.17-5.24) and explicit
+     `position_ids`.
 
 Log-probs: `logprobs[i, t]` is log softmax(logits / temperature)[token] of the FULL
 temperature-scaled distribution (before top-k / top-p), which is what the training loss
@@ -349,7 +350,7 @@ def _decode_step(model, cache: PagedCache, cache_kw: str, last, pos, read, write
     positions pos (A,), context pages read (A, S/ps), new slots write (A,), additive mask
     (A, 1, 1, S) -> next-token logits (A, V)."""
     cache.read, cache.write = read, write
-    out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask={"full_attention": mask}, use_cache=True, **{cache_kw: cache})
+    out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache})
     return out.logits[:, -1]
 
 
@@ -433,7 +434,7 @@ def sample(
         allowed = (seg_t[:, None] == seg_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # (S, S) same item, causal
         cache.write, cache.read = torch.tensor(write, device=device), None
         ends = torch.tensor([0] + [f for _, f, _ in items], device=device).cumsum(0)[1:] - 1  # last position of each item
-        out = model(input_ids=torch.tensor([ids], device=device), position_ids=pos_t[None], attention_mask={"full_attention": additive_mask(allowed[None], dtype)},
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=pos_t[None], attention_mask=additive_mask(allowed[None], dtype),
                     use_cache=True, logits_to_keep=ends, **{cache_kw: cache})  # fmt: skip
         cache.copy_pages([s for it in items for s, _ in it[2]], [d for it in items for _, d in it[2]])
         reps = torch.tensor([len(rows) for rows, _, _ in items], device=device)
