@@ -377,6 +377,13 @@ def check_out(out):
 
 
 def main(args):
+    if args.check_golds:  # grade each benchmark's golds against renderings of themselves (grading.check_golds)
+        out = {}
+        for spec in [s.strip() for s in args.check_golds.split(",") if s.strip()]:
+            problems, report = data.load_problems(spec, verbose=not args.quiet)
+            out[report["name"]] = grading.check_golds(problems, workers=args.grade_workers)
+            print(grading.format_check_golds(report["name"], out[report["name"]]))
+        return out
     if args.speedup:
         base, meth = args.speedup
         s = speedup(read_history(base, args.metric), read_history(meth, args.metric))
@@ -451,11 +458,15 @@ def get_parser():
     g.add_argument("--speedup", nargs=2, metavar=("BASE.jsonl", "METHOD.jsonl"), default=None,
                    help="compare two runs' metrics.jsonl eval records instead of evaluating")
     g.add_argument("--metric", default="eval_acc", help="the metrics.jsonl field holding the eval Avg (with --speedup)")
+    g = p.add_argument_group("gold self-check")
+    g.add_argument("--check-golds", default=None, metavar="BENCH_OR_FILE",
+                   help="instead of evaluating: grade each gold of these benchmarks (same spec as --bench) against "
+                        "renderings of itself (boxed, LaTeX scientific notation, \\frac, a trailing unit) and list the failures")  # fmt: skip
     return p
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    if not args.speedup and not args.model:
-        get_parser().error("--model is required (or use --speedup BASE.jsonl METHOD.jsonl)")
+    if not args.speedup and not args.check_golds and not args.model:
+        get_parser().error("--model is required (or use --speedup BASE.jsonl METHOD.jsonl, or --check-golds BENCH)")
     main(args)

@@ -43,7 +43,8 @@ OUT/STOP finish the step, save and exit non-zero (130 / 143 / 75); a finished ru
 
 Real sizes (memory.py, dist.py): at startup the memory plan is printed (weights, grads, AdamW
 states, activations per micro-batch, KV cache); on a GPU it picks the micro-batch token budget
-and how many rollouts are sampled at once. Several GPUs, under torchrun:
+and the sampler's KV pool (rollout.py: paged, continuously batched; on one GPU AdamW's state
+waits in CPU memory while sampling). Several GPUs, under torchrun:
     torchrun --nproc-per-node N train.py --model ... --tp N     # tensor parallel, one model over N GPUs
     torchrun --nproc-per-node N train.py --model ... --fsdp     # FSDP2, each rank its own B/N prompts
 """
@@ -123,7 +124,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="recompute each decoder layer in backward (activation memory of one layer instead of all); auto: on for real models, off for the lab")
     g.add_argument("--optim-states", default="fp32", choices=["fp32", "param"], help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens (rows x longest prompt+response) per training micro-batch, on top of --micro-batch rows; default: the memory plan's budget on CUDA, no limit on CPU")
-    g.add_argument("--sample-rows", type=int, default=None, help="rollouts sampled at once (a wave of whole prompts; its KV cache must fit); default: the memory plan's on CUDA, all of them on CPU")
+    g.add_argument("--sample-rows", type=int, default=None, help="most rows decoding at once in the sampler (continuous batching: waiting prompts join as rows finish); default: all of them")
+    g.add_argument("--kv-tokens", type=int, default=None, help="the sampler's paged KV pool, tokens; default: the memory plan's KV budget on CUDA, every row at full length on CPU")
+    g.add_argument("--keep-optim-on-gpu", action="store_true", help="keep AdamW's fp32 master weights and moments on the GPU while sampling (default on one GPU: moved to pinned CPU memory, freeing ~45 GiB for the KV cache at 4B)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run under torchrun --nproc-per-node N (transformers' TP plan; every rank samples the same tokens)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 over all torchrun processes: layers, grads and AdamW states sharded; each rank samples its own prompts-per-step / world prompts")
     return p
@@ -134,7 +137,7 @@ def get_parser() -> argparse.ArgumentParser:
 # checkpoint's args.json) and a different value is refused; out / resume / overwrite are this
 # invocation's.
 RESUME_FLAGS = ("steps", "eval_every", "eval_bench", "eval_k", "save_every", "keep_last", "sample_every",
-                "micro_batch", "micro_batch_tokens", "sample_rows", "grad_ckpt", "threads", "device")  # fmt: skip
+                "micro_batch", "micro_batch_tokens", "sample_rows", "kv_tokens", "keep_optim_on_gpu", "grad_ckpt", "threads", "device")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,7 +172,7 @@ import dist as dist_lib  # noqa: E402
 import gate as gate_lib  # noqa: E402
 import memory  # noqa: E402
 import model as model_lib  # noqa: E402
-from rollout import Rollout, sample  # noqa: E402
+from rollout import sample  # noqa: E402
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -232,7 +235,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
         (args.tp >= 1, "--tp must be >= 1"),
         (args.micro_batch_tokens is None or args.micro_batch_tokens >= 1, "--micro-batch-tokens must be >= 1"),
-        (args.sample_rows is None or args.sample_rows >= args.group_size, "--sample-rows must be >= --group-size (a wave holds whole prompts)"),
+        (args.sample_rows is None or args.sample_rows >= args.group_size, "--sample-rows must be >= --group-size (a prompt's samples start together)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -359,17 +362,6 @@ def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths
                 s, _ = model_lib.response_logprobs(model, sp, resp, lens, temperature=temperature)
         out["s"][idx, :Tm] = s
     return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
-
-
-def sample_in_waves(model, prompts, *, n, rows, **kw) -> Rollout:
-    """rollout.sample over waves of whole prompts, at most `rows` rollouts per call (the KV cache
-    of one wave must fit in memory: memory.py picks `rows` on a GPU). With rows >= len(prompts) * n
-    this is exactly one sample(...) call. Rows stay prompt-major."""
-    per = max(1, rows // n)  # prompts per wave
-    parts = [sample(model, prompts[a : a + per], n=n, **kw) for a in range(0, len(prompts), per)]
-    if len(parts) == 1:
-        return parts[0]
-    return Rollout(**{f: torch.cat([getattr(r, f) for r in parts]) for f in ("tokens", "lengths", "finished", "logprobs")})  # (N, T) / (N,)
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
@@ -552,17 +544,18 @@ def main(args: argparse.Namespace) -> dict:
     B, G = args.prompts_per_step // D.dp_size, args.group_size  # B: this rank's prompts (FSDP: its share)
     N = B * G
     n_params = sum(p.numel() for p in model.parameters())  # (DTensor numel is the full size)
+    offload_optim = device.type == "cuda" and D.mode == "single" and not args.keep_optim_on_gpu  # AdamW state to CPU while sampling
     mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     plan = memory.plan(model.config, gpu_bytes=mem, dtype_bytes=model.dtype.itemsize, states=args.optim_states, grad_ckpt=args.grad_ckpt == "on",
                        rows=N, prompt_len=max(len(task.prompt_ids(p)) for p in task.train[:64]), new_tokens=args.max_new_tokens, group=G, micro_batch_rows=args.micro_batch,
-                       shards=D.world, tp=args.tp, n_params=n_params)  # fmt: skip
+                       shards=D.world, tp=args.tp, n_params=n_params, offload=offload_optim)  # fmt: skip
     if device.type == "cuda" or not task.lab:
         print(plan.table() + ("" if device.type == "cuda" else "\n  (CPU: budgets not applied; --micro-batch and all rows at once)"))
     else:  # the lab on CPU: one line is enough (`python memory.py` prints a full plan)
         print(plan.table().splitlines()[0] + ": the lab fits anywhere; budgets not applied on CPU")
     if device.type == "cuda":
         args.micro_batch_tokens = args.micro_batch_tokens or max(1, plan.micro_batch_tokens)
-        args.sample_rows = args.sample_rows or max(G, plan.sample_rows)
+        args.kv_tokens = args.kv_tokens or plan.kv_tokens
     if D.is_main:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -605,9 +598,13 @@ def main(args: argparse.Namespace) -> dict:
         # --- 1) rollouts: B prompts x G samples (FSDP: this rank's block of the step's prompts) ---
         problems = D.shard(next_problems(task, state, args.prompts_per_step))
         prompts = [task.prompt_ids(p) for p in problems]  # B lists
+        if offload_optim:
+            opt.offload()  # AdamW's state to pinned CPU memory: the KV pool gets that memory (memory.plan counts on it)
         with dist_lib.unsharded(model):  # FSDP: all-gather the layers once, not at every decoded token
-            roll = sample_in_waves(model, prompts, n=G, rows=args.sample_rows or N, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen)  # fmt: skip
+            roll = sample(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen, kv_tokens=args.kv_tokens, max_rows=args.sample_rows)  # fmt: skip
+        if offload_optim:
+            opt.reload()
         D.check_same(roll.tokens, "the sampled tokens")  # TP: every rank must hold the same rollouts
         responses, lengths = roll.tokens, roll.lengths  # (N, T), (N,)
         mask = roll.mask()  # (N, T) from lengths
