@@ -32,17 +32,27 @@ What this file owns
    memory never holds (N, L, V) logits (with V = 151,936 and T = 4096 that would be 2.5 GB
    per row in fp32), only (chunk_size, V), whatever N and T are. Log-softmax and entropy are
    taken in fp32 whatever the model dtype (SPEC section 1 step 6).
+3. `shared_prefix_logprobs(...)`: the same scores under no_grad, with each DISTINCT prompt
+   computed once (issue 12). AntiSD's teacher prompts repeat within a group: rollout i's is
+   problem + one correct peer of its group + a feedback line that depends only on i's own
+   correctness, so a group of G has at most 2 x (correct rollouts) distinct teacher prompts,
+   often 2-4 (and the G student prompts of a group are one). Each distinct prompt runs once
+   with a KV cache (as the sampler's prefill does); every row then runs only its response
+   tokens on top of its prompt's cache. Exact: the same numbers as `response_logprobs` up to
+   float rounding (tests/test_model.py compares them on ragged rows).
 
 Shapes: N rows, P prompt length, T response length (padded), V vocabulary, D hidden.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers.cache_utils import Cache, DynamicLayer
 
 # ---------------------------------------------------------------------------------------
 # The tiny tokenizer: byte-level BPE (like Qwen's and GPT-2's) so any text round-trips
@@ -326,3 +336,106 @@ def response_logprobs(
     logp = zeros.masked_scatter(r_mask, torch.cat(logps))  # (N, T), exactly 0 at positions >= length
     ent = zeros.masked_scatter(r_mask, torch.cat(ents)) if with_entropy else None  # (N, T)
     return logp, ent
+
+
+class _SharedPrefixLayer(DynamicLayer):
+    """One layer's KV cache of U distinct prompts, read by N rows (shared_prefix_logprobs).
+
+    The prompt pass stores the prompts' keys / values as DynamicLayer does: (U, H, P, Dh).
+    Then `rows` (N,) maps each scored row to its prompt, and the response pass gets
+    [its prompt's keys | the response keys] (N, H, P + T', Dh) for this layer only: nothing is
+    stored (no-grad scoring never reads them again), so at most one layer's expanded keys are
+    alive at a time, as in a plain forward without a cache. get_seq_length() stays P, which is
+    what HF's mask builder needs (query j sits at cache position P + j).
+    """
+
+    rows: torch.Tensor | None = None  # (N,) prompt index of each row; None during the prompt pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        k = torch.cat([self.keys.index_select(0, self.rows), key_states], dim=-2)  # (N, H, P+T', Dh)
+        v = torch.cat([self.values.index_select(0, self.rows), value_states], dim=-2)
+        return k, v
+
+
+def prefix_sharing_ok(model) -> bool:
+    """The shared-prefix path is used when every layer is full (causal) attention under sdpa or
+    eager attention (Qwen3, Qwen3-MoE, Llama), as the sampler's fast path; other models
+    (sliding-window layers, flash attention) are scored row by row, which is always exact."""
+    cfg = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
+    return all(t == "full_attention" for t in layer_types) and cfg._attn_implementation in ("sdpa", "eager")
+
+
+@torch.no_grad()
+def shared_prefix_logprobs(
+    model,
+    prompts: list[list[int]],
+    responses: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """response_logprobs under no_grad, with each distinct prompt computed once.
+
+    prompts: N token-id lists; identical lists (equal ids) share one prompt pass.
+    responses (N, T) right-padded, lengths (N,): as response_logprobs.
+    Returns logp (N, T) fp32, entropy (N, T) fp32 or None (both exactly 0 at positions >=
+    length), and the work: {"prompt_tokens": tokens of the distinct prompts (computed),
+    "prompt_tokens_rows": tokens of all N prompts (what row-by-row scoring computes)}.
+
+      1. the U distinct prompts, left-padded (U, P), run once into a KV cache; the hidden
+         state at each one's last column predicts response token 0;
+      2. the N responses run on top, each row reading its own prompt's cache
+         (_SharedPrefixLayer), position ids continuing from its prompt's real length; the
+         hidden state at response column j predicts token j+1, so the last column is not run;
+      3. the M = sum(lengths) real positions through the head in chunks, as response_logprobs.
+    Models the shared path does not cover (prefix_sharing_ok) get response_logprobs.
+    """
+    N, T = responses.shape
+    assert len(prompts) == N and lengths.shape == (N,), (len(prompts), responses.shape, lengths.shape)
+    assert temperature > 0 and chunk_size >= 1, (temperature, chunk_size)
+    first: dict[tuple, int] = {}  # distinct prompt -> its index, in order of first appearance
+    inv = [first.setdefault(tuple(p), len(first)) for p in prompts]  # N prompt indices
+    work = {"prompt_tokens": sum(len(p) for p in first), "prompt_tokens_rows": sum(len(p) for p in prompts)}
+    if not prefix_sharing_ok(model):
+        logp, ent = response_logprobs(model, prompts, responses, lengths, temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+        return logp, ent, {**work, "prompt_tokens": work["prompt_tokens_rows"]}
+    device = next(model.parameters()).device
+    body, head = _decoder_and_head(model)
+    rows = torch.tensor(inv, dtype=torch.long, device=device)  # (N,) row -> prompt
+    p_ids, p_mask = left_pad([list(p) for p in first], 0, device)  # (U, P); pad id masked out
+    n_layers = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True).num_hidden_layers
+    cache = Cache(layers=[_SharedPrefixLayer() for _ in range(n_layers)])
+    # transformers 5.24 renamed past_key_values= to cache= (the old name warns); 5.17-5.23 ignore cache=
+    ckw = {"cache" if "cache" in inspect.signature(type(body).forward).parameters else "past_key_values": cache}
+    # 1) the distinct prompts, once
+    out = body(input_ids=p_ids, attention_mask=p_mask.long(), position_ids=positions_from_mask(p_mask), use_cache=True, **ckw)
+    h_first = out.last_hidden_state[:, -1].index_select(0, rows)[:, None]  # (N, 1, D) left-padded: the last column is real
+    lengths = lengths.to(device)
+    r_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (N, T)
+    r_ids = torch.where(r_mask, responses.to(device), torch.zeros_like(responses, device=device))  # (N, T)
+    # 2) the responses on top of their prompts' caches; column j's hidden state predicts token j+1
+    if T > 1:
+        for layer in cache.layers:
+            layer.rows = rows
+        attn = torch.cat([p_mask.index_select(0, rows), r_mask[:, : T - 1]], dim=1)  # (N, P+T-1)
+        pos = p_mask.sum(-1).index_select(0, rows)[:, None] + torch.arange(T - 1, device=device)[None, :]  # (N, T-1)
+        h_rest = body(input_ids=r_ids[:, : T - 1], attention_mask=attn.long(), position_ids=pos, use_cache=True, **ckw).last_hidden_state  # (N, T-1, D)
+        hidden = torch.cat([h_first, h_rest], dim=1)  # (N, T, D)
+    else:
+        hidden = h_first[:, :T]  # (N, T, D), T = 1 or 0
+    # 3) the head over the real positions only, chunk_size at a time
+    h, tgt = hidden[r_mask], r_ids[r_mask]  # (M, D), (M,)
+    logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]
+    for s in range(0, h.shape[0], chunk_size):
+        lp, ent = _chunk_scores(head, h[s : s + chunk_size], tgt[s : s + chunk_size], temperature, with_entropy)  # (c,), (c,)
+        logps.append(lp)
+        ents.append(ent)
+    zeros = torch.zeros(N, T, dtype=torch.float32, device=device)
+    logp = zeros.masked_scatter(r_mask, torch.cat(logps))  # (N, T)
+    ent = zeros.masked_scatter(r_mask, torch.cat(ents)) if with_entropy else None  # (N, T)
+    return logp, ent, work

@@ -11,18 +11,23 @@ One step (SPEC section 1; every line below is a banner in the loop):
   3) A_seq      GRPO z-score within each group (antisd.group_advantages)
   4) context    teacher prompt per rollout: a correct OTHER rollout of the group (else the
                 reference) + "Your answer is (in)correct." (antisd.teacher_prompts)
-  5) scores     s_t = log pi(y_t|x,y_<t), t_t = log pi(y_t|x,c,y_<t) of the SAME response
-                tokens under no_grad, teacher entropy H_t; u = t - s (antisd.pmi)
+  5) scores     the teacher: t_t = log pi(y_t|x,c,y_<t) of the SAME response tokens under
+                no_grad and its entropy H_t, each distinct teacher prompt computed once
+                (scores_in_chunks -> model.shared_prefix_logprobs)
   6) gate       H = median teacher entropy of the step; lam = 0.5 * g (gate.EntropyGate)
-  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages)
-  8) update     clipped policy gradient, token-mean over the WHOLE step (micro-batches
-                share one token count), AdamW, grad-norm clip 1.0, KL 0
+  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages),
+                a function of whole rows that 8) applies to each micro-batch
+  8) update     per micro-batch: the student forward (with grad) gives s_t, u = t - s, A_{i,t};
+                clipped policy gradient, token-mean over the WHOLE step (micro-batches share
+                one token count), AdamW, grad-norm clip 1.0, KL 0 (accumulate_grads)
   9) log/save   metrics.jsonl, console line, sample dumps, atomic checkpoints
 
-Strictly on-policy by default (one optimizer update per rollout batch): old_logp = s_t from
-step 5, so the PPO ratio is 1 at the update and the clip never binds; the clipped form is
-kept so forks can add more epochs. GRPO runs skip the teacher pass (its only extra cost)
-unless --log-teacher asks for the teacher's entropy anyway (the lab study plots it).
+Strictly on-policy (one optimizer update per rollout batch): old_logp = s_t = the update
+forward's own detached log-probs, so the PPO ratio is exactly 1 and the clip never binds, and
+the student runs once per step (the clipped form is kept so forks can add more epochs; they
+then need a student scoring pass before the first update: see accumulate_grads). So a GRPO
+step is rollouts + one forward/backward; AntiSD adds only the teacher pass, and GRPO runs
+that only when --log-teacher asks for the teacher's entropy and u (the lab study plots them).
 
 The lab (--model tiny, the default) adds a cached supervised warm start and held-out
 evaluation; see lab.py for how the lab maps onto the paper's setting. Other models train on
@@ -213,35 +218,90 @@ def next_problems(task: Task, state: dict, B: int) -> list[dict]:
     return out
 
 
-def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, *, rows, no_teacher, temperature, with_teacher):
-    """antisd.pmi (or the student score alone) over chunks of `rows` rollouts.
+def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, with_entropy=True):
+    """No-grad scores of the response tokens behind `prompts`, chunk by chunk (model.shared_prefix_logprobs).
 
-    Rows are scored in order of (longest prompt + response length), so each chunk holds rows
-    of similar length and little padding: every chunk is padded to its own longest prompt and
-    response. Each row's scores do not depend on which rows share its chunk (tested in
-    tests/test_model.py), only the padding work does.
-    Returns u, teacher entropy, student logp, each (N, T) fp32 (u and entropy are None
-    without the teacher pass).
+    The step's one scoring pass (section 5): the teacher's (prompts = teacher prompts), or the
+    student's for the no-teacher ablation (its entropy is the gate's statistic). Also the
+    extension point for a fork that reuses a rollout batch (see accumulate_grads): old_logp =
+    scores_in_chunks(model, student_prompts, ..., with_entropy=False)[0] before the first update.
+
+    Rows with the same prompt are put in the same chunk (whole groups of identical prompts, up
+    to `rows` rows; a bigger group is split), so each distinct prompt is computed once per
+    step; groups are ordered by prompt + response length, so a chunk holds rows of similar
+    length and little padding. A row's scores do not depend on its chunk (tested).
+    Returns logp (N, T), entropy (N, T) or None, and the work: prompt tokens computed
+    ("prompt_tokens") vs the per-row total ("prompt_tokens_rows").
     """
     N, T = responses.shape
-    out = {k: torch.zeros(N, T, device=responses.device) for k in ("u", "ent", "s")}
-    tps = teacher_prompts if (with_teacher and not no_teacher) else student_prompts
-    order = sorted(range(N), key=lambda i: (len(tps[i]) + int(lengths[i]), i))  # similar lengths together
-    for a in range(0, N, rows):
-        ids = order[a : a + rows]
+    lens = lengths.tolist()
+    groups: dict[tuple, list[int]] = {}  # identical prompts -> their rows
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    chunks, cur = [], []
+    for g in sorted(groups.values(), key=lambda g: (len(prompts[g[0]]) + max(lens[j] for j in g), g[0])):
+        g = sorted(g, key=lambda j: (lens[j], j))
+        if cur and len(cur) + len(g) > rows:  # keep a group whole: start the next chunk
+            chunks.append(cur)
+            cur = []
+        while len(g) > rows:  # a group bigger than a chunk: split it
+            chunks.append(g[:rows])
+            g = g[rows:]
+        cur += g
+    chunks.append(cur)
+    logp = torch.zeros(N, T, device=responses.device)  # (N, T)
+    ent = torch.zeros(N, T, device=responses.device) if with_entropy else None  # (N, T)
+    work = {"prompt_tokens": 0, "prompt_tokens_rows": 0}
+    for ids in chunks:
         idx = torch.tensor(ids, device=responses.device)  # (n,) rows of this chunk
         Tm = int(lengths[idx].max())  # trim the chunk to its longest response
-        resp, lens = responses[idx, :Tm], lengths[idx]  # (n, Tm), (n,)
-        sp = [student_prompts[i] for i in ids]
-        if with_teacher:
-            tp = None if no_teacher else [teacher_prompts[i] for i in ids]
-            u, ent, s, _ = antisd.pmi(model, sp, tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
-            out["u"][idx, :Tm], out["ent"][idx, :Tm] = u, ent
-        else:
-            with torch.no_grad():
-                s, _ = model_lib.response_logprobs(model, sp, resp, lens, temperature=temperature)
-        out["s"][idx, :Tm] = s
-    return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
+        lp, e, w = model_lib.shared_prefix_logprobs(model, [prompts[i] for i in ids], responses[idx, :Tm], lengths[idx], temperature=temperature, with_entropy=with_entropy)
+        logp[idx, :Tm] = lp
+        if with_entropy:
+            ent[idx, :Tm] = e
+        work = {k: work[k] + w[k] for k in work}
+    return logp, ent, work
+
+
+def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None):
+    """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
+    gradients accumulate in .grad (the caller clips and steps).
+
+    Per micro-batch (rows `idx`, a slice, padded to its longest response Tm):
+        logp  = log pi(y_t | x, y_<t)            (n, Tm) the student forward, with grad
+        s     = logp.detach()                    s_t = old_logp (strictly on-policy)
+        u     = t - s                            antisd.pmi_from_logprobs (None without a teacher pass)
+        A     = token_adv(idx, u, mask)          section 7's function of whole rows
+        loss  = antisd.policy_loss(logp, s, A, mask, num_tokens)   token-mean over the WHOLE step
+    One optimizer update per rollout batch (what train.py does) makes old_logp the update
+    forward's own detached logp: the PPO ratio is exactly 1, so there is no separate student
+    scoring pass (GRPO has no scoring pass at all, AntiSD only the teacher's).
+    EXTENSION POINT for a fork that reuses a batch (PPO epochs, several mini-batches per
+    rollout batch): old_logp must then be fixed before the first update, e.g.
+    old_logp, _, _ = scores_in_chunks(model, student_prompts, responses, lengths, ..., with_entropy=False),
+    and passed here at every update; s (hence u) is then that old_logp, the sampling policy's.
+    teacher_logp: (N, T) t_t from section 5 (zeros for the no-teacher ablation), or None.
+    Returns (the loss summed over micro-batches, s (N, T), u (N, T) or None).
+    """
+    N, T = responses.shape
+    s_all = torch.zeros(N, T, device=responses.device)  # (N, T)
+    u_all = None if teacher_logp is None else torch.zeros(N, T, device=responses.device)  # (N, T)
+    loss_sum = 0.0
+    for idx in batches:
+        Tm = int(lengths[idx].max())
+        lens = lengths[idx]  # (n,)
+        m = antisd.mask_from_lengths(lens, Tm)  # (n, Tm)
+        logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lens, temperature=temperature)  # (n, Tm)
+        s = logp.detach() if old_logp is None else old_logp[idx, :Tm]  # (n, Tm)
+        u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
+        adv = token_adv(idx, u, m)  # (n, Tm)
+        loss = antisd.policy_loss(logp, s, adv, m, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens)
+        dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
+        loss_sum += loss.item()
+        s_all[idx, :Tm] = s
+        if u is not None:
+            u_all[idx, :Tm] = u
+    return loss_sum, s_all, u_all
 
 
 def sample_in_waves(model, prompts, *, n, rows, **kw) -> Rollout:
@@ -453,10 +513,15 @@ def main(args: argparse.Namespace) -> dict:
                 enable_thinking=task.template_kw.get("enable_thinking"), generator=gen,
             )  # fmt: skip
 
-        # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
-        with dist_lib.unsharded(model):
-            u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
-                                                  no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
+        # --- 5) scores: the teacher's t_t of the SAME response tokens and its entropy H_t (the gate's),
+        #        no_grad, each distinct teacher prompt once; s_t comes from the update's own forward (8) ---
+        t_logp, t_ent, work = None, None, None  # (N, T) each
+        if use_teacher:
+            with dist_lib.unsharded(model):  # no-teacher ablation: the student's pass (its entropy), t := 0
+                t_logp, t_ent, work = scores_in_chunks(model, student_prompts if args.no_teacher else teacher_prompts, responses, lengths,
+                                                       rows=args.micro_batch, temperature=args.temperature)  # fmt: skip
+            if args.no_teacher:
+                t_logp = torch.zeros_like(t_logp)  # u = -s
         t_score = time.time() - t1
 
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
@@ -467,8 +532,10 @@ def main(args: argparse.Namespace) -> dict:
         else:
             h, lam = float("nan"), 0.0
 
-        # --- 7) per-token advantages ---
-        adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
+        # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
+        #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
+        def token_adv(idx, u, m):  # rows idx (a slice), u and m (n, Tm) -> A_{i,t} (n, Tm)
+            return antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
@@ -479,14 +546,8 @@ def main(args: argparse.Namespace) -> dict:
         batches = memory.micro_batches([len(p) for p in student_prompts], lengths.tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
         batches = memory.split_to(batches, D.max(len(batches)))
         opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for idx in batches:
-            Tm = int(lengths[idx].max())
-            logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
-            loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
-                                      clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
-            dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
-            loss_sum += loss.item()
+        loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
+                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
         dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
         grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
@@ -524,6 +585,9 @@ def main(args: argparse.Namespace) -> dict:
             "phi_mean": float(antisd.phi(valid_u).mean()) if valid_u.numel() else None,
             "grad_norm": grad_norm, "skipped": skipped, "tokens_per_s": num_tokens / dt,
             "t_sample": t_sample, "t_score": t_score, "t_update": t_update,
+            # teacher prompt tokens computed (each distinct prompt once) vs scoring every row's own
+            "teacher_prompt_tokens": D.sum(work["prompt_tokens"]) if work else None,
+            "teacher_prompt_tokens_rows": D.sum(work["prompt_tokens_rows"]) if work else None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }  # fmt: skip
         if task.lab:
