@@ -1,7 +1,7 @@
 """train.py's one-student-forward step (issue 12) against today's two-pass step.
 
-The two-pass reference, written out here: antisd.pmi scores the student and the teacher
-row by row under no_grad (s_t = old_logp, t_t, H_t), the advantages are formed over the whole
+The two-pass reference, written out here: model.response_logprobs scores the student and the
+teacher row by row under no_grad (s_t = old_logp, t_t, H_t), the advantages are formed over the whole
 batch, then every micro-batch runs the student again with grad. The step under test runs the
 teacher only (scores_in_chunks: each distinct teacher prompt once) and forms s_t, u and the
 advantages per micro-batch from the update's own forward (accumulate_grads). Same tiny model,
@@ -47,8 +47,14 @@ def world():
 def two_pass_grads(model, student, teacher, responses, lengths, batches, *, method, no_teacher, temperature, lam=LAM):
     """Today's step: no-grad pmi (s, t, u, H) for every row, advantages over the batch, then the
     student forward again per micro-batch with old_logp = the no-grad s."""
-    u, ent, s, _ = antisd.pmi(model, student, None if no_teacher else teacher, responses, lengths, no_teacher=no_teacher, temperature=temperature)
     mask = antisd.mask_from_lengths(lengths, responses.shape[1])
+    with torch.no_grad():  # written out (not antisd.pmi, which shares code with the step under test)
+        s, s_ent = model_lib.response_logprobs(model, student, responses, lengths, temperature=temperature, with_entropy=True)
+        if no_teacher:
+            t, ent = torch.zeros_like(s), s_ent  # the ablation: t := 0, the gate watches the student
+        else:
+            t, ent = model_lib.response_logprobs(model, teacher, responses, lengths, temperature=temperature, with_entropy=True)
+    u = torch.where(mask, t - s, 0.0)  # (N, T)
     adv = antisd.token_advantages(antisd.group_advantages(REWARDS, G), u, mask, method=method, lam=lam)  # (N, T)
     num_tokens = int(lengths.sum())
     model.zero_grad(set_to_none=True)
