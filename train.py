@@ -478,7 +478,7 @@ def main(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None if D.is_main else True)
     step = start
     for step in range(start + 1, args.steps + 1):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()  # wall and this process's CPU time (the CPU one ignores other jobs' load)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model.eval()  # no dropout in sampling or scoring; the tiny/Qwen3 models have none anyway
@@ -569,7 +569,7 @@ def main(args: argparse.Namespace) -> dict:
             mask = antisd.mask_from_lengths(lengths, old_logp.shape[1])
         valid_u = u[mask] if u is not None else torch.zeros(0)
         rec = {
-            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt,
+            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt, "step_cpu_time": time.process_time() - c0,
             "frac_zero_var": float((rewards.view(-1, G).std(-1) == 0).float().mean()),
             "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~finished).float().mean()),
             # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
