@@ -339,24 +339,58 @@ def response_logprobs(
 
 
 class _SharedPrefixLayer(DynamicLayer):
-    """One layer's KV cache of U distinct prompts, read by N rows (shared_prefix_logprobs).
+    """One layer's KV cache for shared_prefix_logprobs: U distinct prompts read by N rows.
 
-    The prompt pass stores the prompts' keys / values as DynamicLayer does: (U, H, P, Dh).
-    Then `rows` (N,) maps each scored row to its prompt, and the response pass gets
-    [its prompt's keys | the response keys] (N, H, P + T', Dh) for this layer only: nothing is
-    stored (no-grad scoring never reads them again), so at most one layer's expanded keys are
-    alive at a time, as in a plain forward without a cache. get_seq_length() stays P, which is
-    what HF's mask builder needs (query j sits at cache position P + j).
+    Two kinds of pass, set by `mode` before each forward (`sel`: which prompts / rows):
+      "prompt"  a bucket of prompts (similar lengths, left-padded) writes its keys and values
+                RIGHT-aligned into one (U, H, P, Dh) buffer, P the longest prompt, and attends
+                within itself (get_seq_length() 0);
+      "rows"    a bucket of responses attends to [its prompt | itself] (get_seq_length() P,
+                which HF's mask builder needs: query j sits at cache position P + j); nothing
+                is stored (no-grad scoring never reads it again), so at most one layer's
+                expanded keys are alive at a time, as in a plain forward without a cache.
+    Buffer columns left of a prompt are zeros and masked by the caller's 2D attention mask.
     """
 
-    rows: torch.Tensor | None = None  # (N,) prompt index of each row; None during the prompt pass
+    def __init__(self, n_prompts: int, width: int):
+        super().__init__()
+        self.U, self.W = n_prompts, width
+        self.mode, self.sel = "prompt", None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rows is None:
-            return super().update(key_states, value_states, *args, **kwargs)
-        k = torch.cat([self.keys.index_select(0, self.rows), key_states], dim=-2)  # (N, H, P+T', Dh)
-        v = torch.cat([self.values.index_select(0, self.rows), value_states], dim=-2)
-        return k, v
+        k, v, n = key_states, value_states, key_states.shape[-2]  # (b, H, n, D): this pass's columns
+        if not self.is_initialized:
+            self.device, self.is_initialized = k.device, True
+            self.keys = k.new_zeros(self.U, k.shape[1], self.W, k.shape[3])  # (U, H, P, Dh)
+            self.values = v.new_zeros(self.U, v.shape[1], self.W, v.shape[3])
+        if self.mode == "prompt":
+            self.keys[self.sel, :, self.W - n :], self.values[self.sel, :, self.W - n :] = k, v
+            return k, v
+        return torch.cat([self.keys.index_select(0, self.sel), k], dim=-2), torch.cat([self.values.index_select(0, self.sel), v], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.mode == "prompt" else self.W
+
+
+def _length_buckets(lens: list[int], *, call_tokens: int, min_len: int = 1) -> list[list[int]]:
+    """Indices with lens >= min_len, longest first, cut into buckets that are each padded to
+    their longest: the cut minimising (padded tokens + call_tokens per bucket), by dynamic
+    programming over the sorted lengths. call_tokens is what one more forward call costs, in
+    padded tokens: one batch of a 100- and a 1000-token item is mostly padding, but every call
+    has a fixed cost (kernel launches, Python), so small differences stay in one bucket."""
+    idx = sorted((i for i in range(len(lens)) if lens[i] >= min_len), key=lambda i: (-lens[i], i))
+    n = len(idx)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[k]: cost of the first k items
+    for k in range(1, n + 1):
+        for j in range(k):  # the last bucket is items j..k-1, padded to the longest, lens[idx[j]]
+            c = best[j] + call_tokens + (k - j) * lens[idx[j]]
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    out, k = [], n
+    while k > 0:
+        out.append(idx[cut[k] : k])
+        k = cut[k]
+    return out[::-1]
 
 
 def prefix_sharing_ok(model) -> bool:
@@ -378,6 +412,7 @@ def shared_prefix_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
+    call_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """response_logprobs under no_grad, with each distinct prompt computed once.
 
@@ -387,12 +422,17 @@ def shared_prefix_logprobs(
     length), and the work: {"prompt_tokens": tokens of the distinct prompts (computed),
     "prompt_tokens_rows": tokens of all N prompts (what row-by-row scoring computes)}.
 
-      1. the U distinct prompts, left-padded (U, P), run once into a KV cache; the hidden
-         state at each one's last column predicts response token 0;
+      1. the U distinct prompts run once into a KV cache, in buckets of similar length
+         (_length_buckets, each left-padded to its own longest); the hidden state at each
+         prompt's last token predicts response token 0;
       2. the N responses run on top, each row reading its own prompt's cache
-         (_SharedPrefixLayer), position ids continuing from its prompt's real length; the
-         hidden state at response column j predicts token j+1, so the last column is not run;
+         (_SharedPrefixLayer), position ids continuing from its prompt's real length, in
+         buckets of similar length; the hidden state at response column j predicts token j+1,
+         so the last column is not run;
       3. the M = sum(lengths) real positions through the head in chunks, as response_logprobs.
+    call_tokens: the cost of one more forward call in padded tokens, for the buckets (default:
+    128 on CPU, where a call of the tiny model costs ~7 ms ~ 150 of its tokens; 4096 on a GPU,
+    where a call is launch-bound until thousands of tokens).
     Models the shared path does not cover (prefix_sharing_ok) get response_logprobs.
     """
     N, T = responses.shape
@@ -405,29 +445,47 @@ def shared_prefix_logprobs(
         logp, ent = response_logprobs(model, prompts, responses, lengths, temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
         return logp, ent, {**work, "prompt_tokens": work["prompt_tokens_rows"]}
     device = next(model.parameters()).device
+    call_tokens = call_tokens if call_tokens is not None else (128 if device.type == "cpu" else 4096)
     body, head = _decoder_and_head(model)
+    cfg = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True)
     rows = torch.tensor(inv, dtype=torch.long, device=device)  # (N,) row -> prompt
-    p_ids, p_mask = left_pad([list(p) for p in first], 0, device)  # (U, P); pad id masked out
-    n_layers = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True).num_hidden_layers
-    cache = Cache(layers=[_SharedPrefixLayer() for _ in range(n_layers)])
+    uniq = [list(p) for p in first]  # U distinct prompts
+    if any(len(p) == 0 for p in uniq):
+        raise ValueError("shared_prefix_logprobs: empty prompt (every prompt needs at least one token)")
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    plen = torch.tensor([len(p) for p in uniq], device=device)  # (U,)
+    P = int(plen.max())
+    p_mask = ar(P)[None, :] >= (P - plen)[:, None]  # (U, P) right-aligned prompts, from lengths
+    cache = Cache(layers=[_SharedPrefixLayer(len(uniq), P) for _ in range(cfg.num_hidden_layers)])
     # transformers 5.24 renamed past_key_values= to cache= (the old name warns); 5.17-5.23 ignore cache=
     ckw = {"cache" if "cache" in inspect.signature(type(body).forward).parameters else "past_key_values": cache}
-    # 1) the distinct prompts, once
-    out = body(input_ids=p_ids, attention_mask=p_mask.long(), position_ids=positions_from_mask(p_mask), use_cache=True, **ckw)
-    h_first = out.last_hidden_state[:, -1].index_select(0, rows)[:, None]  # (N, 1, D) left-padded: the last column is real
-    lengths = lengths.to(device)
-    r_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (N, T)
-    r_ids = torch.where(r_mask, responses.to(device), torch.zeros_like(responses, device=device))  # (N, T)
-    # 2) the responses on top of their prompts' caches; column j's hidden state predicts token j+1
-    if T > 1:
+    # 1) the distinct prompts, once each, in buckets of similar length (each left-padded to its
+    #    own longest); the hidden state at a prompt's last token predicts response token 0
+    h_last = torch.zeros(len(uniq), cfg.hidden_size, dtype=next(body.parameters()).dtype, device=device)  # (U, D)
+    for b in _length_buckets(plen.tolist(), call_tokens=call_tokens):
+        ids, m = left_pad([uniq[j] for j in b], 0, device)  # (u, Pb); pad id masked out
+        sel = torch.tensor(b, device=device)  # (u,)
         for layer in cache.layers:
-            layer.rows = rows
-        attn = torch.cat([p_mask.index_select(0, rows), r_mask[:, : T - 1]], dim=1)  # (N, P+T-1)
-        pos = p_mask.sum(-1).index_select(0, rows)[:, None] + torch.arange(T - 1, device=device)[None, :]  # (N, T-1)
-        h_rest = body(input_ids=r_ids[:, : T - 1], attention_mask=attn.long(), position_ids=pos, use_cache=True, **ckw).last_hidden_state  # (N, T-1, D)
-        hidden = torch.cat([h_first, h_rest], dim=1)  # (N, T, D)
-    else:
-        hidden = h_first[:, :T]  # (N, T, D), T = 1 or 0
+            layer.mode, layer.sel = "prompt", sel
+        out = body(input_ids=ids, attention_mask=m.long(), position_ids=positions_from_mask(m), use_cache=True, **ckw)
+        h_last[sel] = out.last_hidden_state[:, -1]  # (u, D) left-padded: the last column is real
+    lengths = lengths.to(device)
+    r_mask = ar(T)[None, :] < lengths[:, None]  # (N, T)
+    r_ids = torch.where(r_mask, responses.to(device), torch.zeros_like(responses, device=device))  # (N, T)
+    # 2) the responses on top of their prompts, in buckets of similar length; the hidden state at
+    #    response column j predicts token j+1 (column 0's is the prompt's last)
+    hidden = torch.zeros(N, T, cfg.hidden_size, dtype=h_last.dtype, device=device)  # (N, T, D)
+    hidden[:, :1] = h_last.index_select(0, rows)[:, None, :][:, :T]
+    lens = lengths.tolist()
+    for b in _length_buckets(lens, call_tokens=call_tokens, min_len=2):  # a 1-token response needs only column 0
+        sel = torch.tensor(b, device=device)  # (n,) rows of this bucket
+        Tb = lens[b[0]]  # its longest response; columns 0..Tb-2 are run
+        for layer in cache.layers:
+            layer.mode, layer.sel = "rows", rows[sel]  # each row's prompt
+        attn = torch.cat([p_mask[rows[sel]], r_mask[sel, : Tb - 1]], dim=1)  # (n, P+Tb-1)
+        pos = plen[rows[sel]][:, None] + ar(Tb - 1)[None, :]  # (n, Tb-1)
+        out = body(input_ids=r_ids[sel, : Tb - 1], attention_mask=attn.long(), position_ids=pos, use_cache=True, **ckw)
+        hidden[sel, 1:Tb] = out.last_hidden_state  # (n, Tb-1, D)
     # 3) the head over the real positions only, chunk_size at a time
     h, tgt = hidden[r_mask], r_ids[r_mask]  # (M, D), (M,)
     logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]

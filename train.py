@@ -239,7 +239,7 @@ def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, w
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(p), []).append(i)
     chunks, cur = [], []
-    for g in sorted(groups.values(), key=lambda g: (len(prompts[g[0]]) + max(lens[j] for j in g), g[0])):
+    for g in sorted(groups.values(), key=lambda g: (len(prompts[g[0]]), g[0])):
         g = sorted(g, key=lambda j: (lens[j], j))
         if cur and len(cur) + len(g) > rows:  # keep a group whole: start the next chunk
             chunks.append(cur)
@@ -267,7 +267,8 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
     """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
     gradients accumulate in .grad (the caller clips and steps).
 
-    Per micro-batch (rows `idx`, a slice, padded to its longest response Tm):
+    batches: the micro-batches, each a LongTensor of row indices (or a slice of rows).
+    Per micro-batch (rows `idx`, padded to its longest response Tm):
         logp  = log pi(y_t | x, y_<t)            (n, Tm) the student forward, with grad
         s     = logp.detach()                    s_t = old_logp (strictly on-policy)
         u     = t - s                            antisd.pmi_from_logprobs (None without a teacher pass)
@@ -288,10 +289,14 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
     u_all = None if teacher_logp is None else torch.zeros(N, T, device=responses.device)  # (N, T)
     loss_sum = 0.0
     for idx in batches:
+        if isinstance(idx, slice):
+            idx = torch.arange(N, device=responses.device)[idx]
+        idx = idx.to(responses.device)  # (n,) rows
         Tm = int(lengths[idx].max())
         lens = lengths[idx]  # (n,)
         m = antisd.mask_from_lengths(lens, Tm)  # (n, Tm)
-        logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lens, temperature=temperature)  # (n, Tm)
+        prompts = [student_prompts[i] for i in idx.tolist()]
+        logp, _ = model_lib.response_logprobs(model, prompts, responses[idx, :Tm], lens, temperature=temperature)  # (n, Tm)
         s = logp.detach() if old_logp is None else old_logp[idx, :Tm]  # (n, Tm)
         u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
         adv = token_adv(idx, u, m)  # (n, Tm)
@@ -534,17 +539,21 @@ def main(args: argparse.Namespace) -> dict:
 
         # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
         #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
-        def token_adv(idx, u, m):  # rows idx (a slice), u and m (n, Tm) -> A_{i,t} (n, Tm)
+        def token_adv(idx, u, m):  # rows idx (n,) LongTensor, u and m (n, Tm) -> A_{i,t} (n, Tm)
             return antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
         model.train()
         num_tokens = D.sum(int(lengths.sum()))
-        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens; FSDP:
-        # the same number on every rank (each forward/backward all-gathers every layer)
-        batches = memory.micro_batches([len(p) for p in student_prompts], lengths.tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
-        batches = memory.split_to(batches, D.max(len(batches)))
+        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens, over the
+        # rows in order of length (each micro-batch is padded to its longest row: a search response
+        # next to a one-line answer would be mostly padding); FSDP: the same number on every rank
+        # (each forward/backward all-gathers every layer)
+        order = sorted(range(N), key=lambda i: (len(student_prompts[i]) + int(lengths[i]), i))  # N rows
+        batches = memory.micro_batches([len(student_prompts[i]) for i in order], lengths[order].tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
+        order = torch.tensor(order, device=device)  # (N,) position in the sorted order -> row
+        batches = [order[b] for b in memory.split_to(batches, D.max(len(batches)))]  # row indices of each micro-batch
         opt.zero_grad(set_to_none=True)
         loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
                                                  clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
