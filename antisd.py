@@ -45,6 +45,15 @@ Departures from the paper and choices it leaves open (all [D] in SPEC):
   - The loss divides by the token count of the whole optimizer step (DAPO token-mean), so
     the micro-batch split does not change the loss or its gradient.
 
+The authors' released code ("--recipe official", section at the end of this file; README
+"Which AntiSD?") does more than the paper's text: u is clipped, the token term is z-scored
+within each response, lambda is per response from the teacher's perplexity (gate.py
+PerplexityGate), and the peer solution comes from the group only:
+
+    u'      = 0 where |u| > K_SIGMA * sigma_ref (after warm-up), then clamp(u', +-LOG_CLIP)   u_clip
+    term_i  = clamp(zscore_within_row_i(phi(u')), +-PRM_CLIP), 0 for rows >= len_mask        seq_zscore
+    A_i,t   = A_seq_i - lambda_i * term_i,t      (sd: + lambda_i * term_i,t)      official_token_advantages
+
 Shapes: B prompts, G rollouts per prompt, N = B*G rollouts (prompt-major: rows
 [g*G:(g+1)*G] are prompt g's), T padded response length, V vocabulary.
 Masks are always built from lengths: mask = arange(T)[None] < lengths[:, None]  (N, T).
@@ -62,6 +71,8 @@ import torch.nn.functional as F
 import model as model_lib
 
 METHODS = ("grpo", "sd", "antisd", "revkl", "mult")
+RECIPES = ("paper", "official")  # the paper's text / the authors' launcher (README "Which AntiSD?")
+OFFICIAL_METHODS = ("grpo", "sd", "antisd")  # the only ones the official launcher has
 
 LOG2 = math.log(2.0)
 
@@ -265,6 +276,9 @@ def teacher_prompts(
     max_solution_tokens: int | None = 1024,
     enable_thinking: bool | None = None,
     generator: torch.Generator | None = None,
+    recipe: str = "paper",
+    answers: list[str] | None = None,
+    answer_match=None,
 ) -> list[list[int]]:
     """Token ids of every rollout's teacher prompt (prompt-major, N = B*G lists).
 
@@ -284,7 +298,18 @@ def teacher_prompts(
       prompt   = chat_template([user: teacher_user_text(...)], add_generation_prompt=True).
     The response is not touched: the teacher scores the same `responses` tensor (pmi), only
     behind this longer prompt.
+
+    recipe="official": the authors' context rules instead (official_teacher_prompts): group
+    peers only (no reference fallback), cut after the final answer (`answers`, B gold answers,
+    compared by `answer_match`), the launcher's templates and token budget; `references` and
+    `generator` are then unused.
     """
+    if recipe == "official":
+        assert answers is not None, "teacher_prompts(recipe='official') needs the gold answers"
+        return official_teacher_prompts(tokenizer, user_texts, responses, lengths, rewards, group_size, answers=answers, match=answer_match,
+                                        max_solution_tokens=max_solution_tokens, enable_thinking=enable_thinking)  # fmt: skip
+    if recipe != "paper":
+        raise ValueError(f"teacher_prompts: unknown recipe {recipe!r}; expected one of {RECIPES}")
     N, T = responses.shape
     G = int(group_size)
     B = len(user_texts)
@@ -318,15 +343,20 @@ def teacher_prompts(
             user = teacher_user_text(user_texts[g], solution, correct[i])
             convs.append([{"role": "user", "content": user}])
 
+    prompts = _render(tokenizer, convs, enable_thinking)
+    assert len(prompts) == N
+    return prompts
+
+
+def _render(tokenizer, convs: list[list[dict]], enable_thinking: bool | None) -> list[list[int]]:
+    """Token ids of chat conversations, each ending with the assistant header."""
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     # transformers 5.x: apply_chat_template(tokenize=True) returns a BatchEncoding unless
     # return_dict=False; one batched call renders all N conversations.
     out = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=False, **kw)
     if isinstance(out, Mapping):  # be robust to versions that ignore return_dict
         out = out["input_ids"]
-    prompts = [list(map(int, p)) for p in out]
-    assert len(prompts) == N
-    return prompts
+    return [list(map(int, p)) for p in out]
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,3 +422,258 @@ def pmi(
     u = pmi_from_logprobs(t, s, mask)  # (N, T) fp32, no clamping (values ~ -20 are normal)
     assert u.shape == ent.shape == (N, T), (u.shape, ent.shape)
     return u, torch.where(mask, ent, zero), torch.where(mask, s, zero), torch.where(mask, t, zero)
+
+
+# ---------------------------------------------------------------------------------------
+# The authors' recipe (--recipe official). Every constant names the launcher's knob. Sources
+# (README "Which AntiSD?" says what each is and how it was read):
+#   [L] FloyedShen/AntiSD recipe/antisd/_launchers/launch_short.sh and run/<model>/*.sh
+#   [K] the fork's grpo_ca loss: a verl workers/actor/dp_actor.py in the search index that
+#       implements every ccir.* knob [L] sets (the index does not name its repository)
+#   [T] the fork's teacher-prompt builder (verl trainer/ppo/ray_trainer.py, same provenance)
+#   [C] the fork's actor config dataclass (verl workers/config/actor.py, same provenance)
+#   [F] alexhuang13/FlowBalance recipe/antisd/antisd_core_algos.py, a third-party port of [K]
+#   [I] inferred: no readable source shows it
+# The per-response lambda and its warm-up / hysteresis live in gate.py (PerplexityGate).
+# ---------------------------------------------------------------------------------------
+
+LOG_CLIP = 5.0  # prm_forward_log_clip=$LOG_CLIP (5.0) [L]: u clamped to [-5, 5] before phi [K, F]
+K_SIGMA = 2.0  # prm_u_clip_mode=adaptive, prm_u_clip_k_sigma=$K_SIGMA (2.0) [L]: |u| > 2 sigma_ref -> u := 0 [K, F]
+PRM_CLIP = 5.0  # prm_clip=$PRM_CLIP (5.0) [L]: the z-scored term clamped to [-5, 5] [K, F]
+SEQ_STD_FLOOR = 1e-6  # prm_normalize_mode=sequence [L]: the per-response std is floored at 1e-6 [K, F]
+# prm_length_mask_threshold=$LEN_MASK [L]: rows of >= LEN_MASK tokens get no token term [K].
+# Every run/<model>/*.sh sets LEN_MASK=12000 at 16,384-token responses (the launcher's own
+# default is 0 = off); scaling it to other lengths by the same fraction is [I].
+LEN_MASK_FRACTION = 12000 / 16384
+OFFICIAL_MAX_SOLUTION_TOKENS = 3072  # self_distillation.max_solution_tokens [L]
+OFFICIAL_MAX_REPROMPT_LEN = 4096  # self_distillation.max_reprompt_len [L]: the solution budget leaves room for the prompt [T]
+OFFICIAL_CHAT_OVERHEAD = 300  # [T] _truncate_solution_to_budget(chat_overhead=300)
+OFFICIAL_MIN_SOLUTION_TOKENS = 128  # [T] available = max(available, 128)
+# The teacher's user turn: the defaults of the fork's SelfDistillationConfig [C] (reprompt_template,
+# solution_template, feedback_template, reprompt_template_feedback_only). The launcher loads
+# --config-name sdpo, whose yaml was not readable: that it leaves them unchanged is [I]. The
+# feedback strings are FEEDBACK_CORRECT / FEEDBACK_INCORRECT (include_environment_feedback=true,
+# provide_ground_truth_in_feedback=false [L]); the reward function that writes them was not
+# readable, so their exact wording is [I] (the paper's).
+OFFICIAL_REPROMPT = "{prompt}{solution}{feedback}\n\nNow solve this problem step by step.\n"
+OFFICIAL_SOLUTION = "\nYour previous attempt:\n\n{attempt}\n\n"
+OFFICIAL_FEEDBACK = "\nPrevious assessment: {feedback}\n"
+OFFICIAL_FEEDBACK_ONLY = "{prompt}{feedback}\n\nNow solve this problem step by step.\n"
+
+
+def teacher_perplexity(teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tppl_i = exp(-mean_{t in row i} t_{i,t}): the teacher's perplexity of each response.
+
+    ca_lambda_mode=teacher_perp, ca_lambda_tppl_scope=per_seq [L]; formula [K, F]. teacher_logp,
+    mask: (N, T). Returns (N,) fp64 (a row the teacher finds very unlikely overflows fp32's exp;
+    inf is a valid perplexity, the gate masks it). A row without tokens counts as length 1
+    (mean 0, tppl 1), as [K]'s clamp(min=1).
+    """
+    assert teacher_logp.shape == mask.shape, (teacher_logp.shape, mask.shape)
+    t = torch.where(mask, teacher_logp.detach().double(), torch.zeros((), dtype=torch.float64, device=mask.device))  # (N, T)
+    n = mask.sum(dim=1).clamp(min=1).double()  # (N,)
+    return torch.exp(-t.sum(dim=1) / n)  # (N,)
+
+
+def u_clip(u: torch.Tensor, mask: torch.Tensor, sigma_ref: float | None, *, k_sigma: float = K_SIGMA, log_clip: float = LOG_CLIP):
+    """The official u before phi: outliers zeroed (not clamped), then clamped to [-log_clip, log_clip].
+
+    u, mask: (N, T). sigma_ref: gate.PerplexityGate.sigma_ref, None during the warm-up (then
+    nothing is zeroed: [K] calibrates first and only then zeroes). Returns (u', zeroed), both
+    (N, T): u' = 0 where |u| > k_sigma * sigma_ref, clamp(u', -log_clip, log_clip), 0 outside
+    mask; zeroed is True on the valid tokens that were zeroed. [K]'s comment on why: an
+    extreme u "is likely spurious outlier signal; better to ignore than to push in any direction".
+    """
+    assert u.shape == mask.shape, (u.shape, mask.shape)
+    u = u.detach().float()
+    zero = torch.zeros((), device=u.device)
+    if sigma_ref is None:
+        zeroed = torch.zeros_like(mask)
+    else:
+        zeroed = mask & (u.abs() > k_sigma * float(sigma_ref))  # (N, T); |u| == range is kept, as [K]
+    u = torch.where(zeroed, zero, u).clamp(-log_clip, log_clip)
+    return torch.where(mask, u, zero), zeroed
+
+
+def seq_zscore(x: torch.Tensor, mask: torch.Tensor, *, clip: float | None = PRM_CLIP, floor: float = SEQ_STD_FLOOR) -> torch.Tensor:
+    """z-score of x within each row over its own tokens, then clamped to [-clip, clip].
+
+    x, mask: (N, T); ragged rows are fine (each row's mean and std use only its tokens).
+    std is the population one (/n, not /(n-1)) floored at `floor` [K, F]: a one-token row or a
+    constant row becomes all zeros. Returns (N, T), 0 outside mask.
+    """
+    assert x.shape == mask.shape, (x.shape, mask.shape)
+    zero = torch.zeros((), device=x.device)
+    x = torch.where(mask, x.float(), zero)  # (N, T) where(), so garbage past a row's end cannot leak
+    n = mask.sum(dim=1, keepdim=True).clamp(min=1).float()  # (N, 1)
+    mean = x.sum(dim=1, keepdim=True) / n  # (N, 1)
+    c = torch.where(mask, x - mean, zero)  # (N, T)
+    std = (c.square().sum(dim=1, keepdim=True) / n).sqrt().clamp(min=floor)  # (N, 1)
+    z = c / std
+    if clip is not None:
+        z = z.clamp(-clip, clip)
+    return torch.where(mask, z, zero)  # (N, T)
+
+
+def official_token_advantages(
+    seq_adv: torch.Tensor,
+    u: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    method: str,
+    lam: torch.Tensor | None,
+    sigma_ref: float | None,
+    len_mask: int = 0,
+):
+    """Per-token advantage of the official recipe; 0 outside mask. Returns (adv, zeroed), (N, T).
+
+        u'     = u_clip(u, sigma_ref)                                  (N, T)
+        term   = seq_zscore(phi(u')), 0 for rows with >= len_mask tokens (len_mask > 0)
+        antisd A_i,t = A_seq_i - lam_i * term_i,t     prm_renyi_sign=-1 [L]
+        sd     A_i,t = A_seq_i + lam_i * term_i,t     PRM_RENYI_SIGN=+1 in run/<model>/sd.sh [L]
+        grpo   A_i,t = A_seq_i
+
+    [K] writes the term as sign * 0.5 (softplus(u') - log 2) = sign * phi(u') and z-scores
+    that; the z-score and the symmetric clamp commute with the sign, so this is the same.
+    Tokens zeroed by the u-clip still count in their row's z-score (phi(0) = 0 is a value).
+    seq_adv: (N,) A_seq. u: (N, T) PMI. lam: (N,) per-response lambda (gate.PerplexityGate).
+    Everything is per row, so any set of whole rows (a micro-batch) gives its rows' exact
+    values; sigma_ref and the gate's state are the only step-level inputs.
+    """
+    if method not in OFFICIAL_METHODS:
+        raise ValueError(f"official_token_advantages: method {method!r} is not in the official recipe; expected one of {OFFICIAL_METHODS}")
+    N, T = mask.shape
+    assert seq_adv.shape == (N,), (seq_adv.shape, mask.shape)
+    a = seq_adv.float()[:, None].expand(N, T)  # (N, T)
+    if method == "grpo":
+        return torch.where(mask, a, torch.zeros_like(a)), torch.zeros_like(mask)
+    if u is None or lam is None:
+        raise ValueError(f"official_token_advantages: method {method!r} needs u and lam")
+    assert u.shape == (N, T) and lam.shape == (N,), (u.shape, lam.shape, mask.shape)
+    u_c, zeroed = u_clip(u, mask, sigma_ref)  # (N, T) each
+    term = seq_zscore(phi(u_c), mask)  # (N, T)
+    if len_mask > 0:
+        short = mask.sum(dim=1) < len_mask  # (N,) rows shorter than LEN_MASK keep the term
+        term = term * short[:, None]
+    sign = -1.0 if method == "antisd" else 1.0
+    out = a + sign * lam.float()[:, None] * term  # (N, T) explicit broadcast of the row's lambda
+    return torch.where(mask, out, torch.zeros_like(out)), zeroed
+
+
+def _boxes(text: str) -> list[tuple[int, str]]:
+    """(end, content) of every \\boxed{...} with balanced braces, in order; end is one past '}'."""
+    out, start = [], 0
+    while (pos := text.find("\\boxed{", start)) != -1:
+        depth, i = 0, pos + len("\\boxed{")
+        while i < len(text):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                if depth == 0:
+                    out.append((i + 1, text[pos + len("\\boxed{") : i]))
+                    break
+                depth -= 1
+            i += 1
+        start = pos + len("\\boxed{")
+    return out
+
+
+def cut_at_final_answer(text: str, answer: str, match=None) -> str:
+    """truncate_solution_at_correct_answer=true [L]: the text up to the end of the LAST
+    \\boxed{...} whose content is the gold answer; unchanged when none is [T].
+
+    Content and answer are compared stripped, then by match(content, answer) if given ([T]
+    falls back to math-verify; train.py passes grading.py's). Scanning from the end keeps the
+    whole reasoning up to the final answer, not an intermediate box that happens to match.
+    """
+    gold = str(answer).strip()
+    for end, content in reversed(_boxes(text)):
+        if content.strip() == gold or (match is not None and match(content.strip(), gold)):
+            return text[:end]
+    return text
+
+
+def _head_tail(tokenizer, text: str, budget: int) -> str:
+    """[T] _truncate_solution_to_budget: over `budget` tokens, keep the first 25% and the last
+    75% of the budget, joined by "\\n...\\n" (the final answer is in the tail)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= budget:
+        return text
+    head = budget // 4
+    dec = lambda x: tokenizer.decode(x, skip_special_tokens=False)  # noqa: E731
+    return dec(ids[:head]) + "\n...\n" + dec(ids[len(ids) - (budget - head) :])
+
+
+def official_teacher_prompts(
+    tokenizer,
+    user_texts: list[str],
+    responses: torch.Tensor,
+    lengths: torch.Tensor,
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    answers: list[str],
+    match=None,
+    max_solution_tokens: int | None = OFFICIAL_MAX_SOLUTION_TOKENS,
+    max_reprompt_len: int = OFFICIAL_MAX_REPROMPT_LEN,
+    enable_thinking: bool | None = None,
+) -> list[list[int]]:
+    """Teacher prompts under the official context rules (prompt-major, N = B*G token lists).
+
+    For rollout i of group g (arguments as teacher_prompts; answers: B gold answers):
+      peer     = the FIRST correct rollout j != i of group g, in row order: solution_source=
+                 group_only, dont_reprompt_on_self_success=true [L]; [T] takes
+                 solution_idxs[0] although the launcher says solution_selection=random (the G
+                 samples are i.i.d., so "first" is a uniform draw in distribution)
+      solution = peer text, think blocks stripped, cut_at_final_answer, then if longer than
+                 min(max(max_reprompt_len - |prompt| - |feedback| - 300, 128), max_solution_tokens)
+                 tokens: its head 25% + "\\n...\\n" + tail 75% [T]
+      no peer  : no dataset fallback; the teacher sees the problem and the feedback only
+                 (OFFICIAL_FEEDBACK_ONLY) and the row still gets its token term [T]: the
+                 fork's self_distillation_mask marks such rows as taking part, and its grpo_ca
+                 loss with prm_normalize_mode=sequence does not read that mask [K]
+      feedback = "Your answer is (in)correct." about rollout i itself.
+    Think blocks: [L] strips them (remove_thinking_from_demonstration) in the thinking launcher
+    and not in the no-think one, where there are none; stripping always is the same in both.
+    [T]'s safety net that cuts the middle of a whole prompt over max_reprompt_len is omitted.
+    """
+    N, T = responses.shape
+    G = int(group_size)
+    B = len(user_texts)
+    assert N == B * G, f"official_teacher_prompts: {N} rollouts != {B} prompts x {G}"
+    assert len(answers) == B, (len(answers), B)
+    assert lengths.shape == (N,) and rewards.shape == (N,), (lengths.shape, rewards.shape)
+    correct = (rewards > 0.5).tolist()  # N bools
+    lens = lengths.tolist()
+    responses = responses.cpu()
+    ntok = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    fb_len = {True: ntok(FEEDBACK_CORRECT), False: ntok(FEEDBACK_INCORRECT)}
+
+    convs = []
+    for g in range(B):
+        rows = range(g * G, (g + 1) * G)
+        sols = {}  # j -> text, in row order (dicts keep insertion order)
+        for j in rows:
+            if correct[j]:
+                text = _response_text(tokenizer, responses[j, : lens[j]].tolist())
+                if text:
+                    sols[j] = cut_at_final_answer(text, answers[g], match)
+        p_len = ntok(user_texts[g])
+        cut = {}  # (peer, own correctness) -> budgeted text: the budget depends on the feedback length
+        for i in rows:
+            fb = OFFICIAL_FEEDBACK.format(feedback=FEEDBACK_CORRECT if correct[i] else FEEDBACK_INCORRECT)
+            others = [j for j in sols if j != i]  # never rollout i itself
+            if not others:
+                user = OFFICIAL_FEEDBACK_ONLY.format(prompt=user_texts[g], feedback=fb)
+            else:
+                key = (others[0], correct[i])
+                if key not in cut:
+                    budget = max(max_reprompt_len - p_len - fb_len[correct[i]] - OFFICIAL_CHAT_OVERHEAD, OFFICIAL_MIN_SOLUTION_TOKENS)
+                    if max_solution_tokens is not None:
+                        budget = min(budget, max_solution_tokens)
+                    cut[key] = _head_tail(tokenizer, sols[others[0]], budget)
+                user = OFFICIAL_REPROMPT.format(prompt=user_texts[g], solution=OFFICIAL_SOLUTION.format(attempt=cut[key]), feedback=fb)
+            convs.append([{"role": "user", "content": user}])
+    prompts = _render(tokenizer, convs, enable_thinking)
+    assert len(prompts) == N
+    return prompts

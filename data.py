@@ -6,12 +6,15 @@ What this file owns
    of that split, and the column mapping, written in code (`SOURCES`):
 
      name     hub id                              split  k   columns used
-     dapo     BytedTsinghua-SIA/DAPO-Math-17k     train  -   prompt[0].content (unwrapped), reward_model.ground_truth, extra_info.index
+     dapo     BytedTsinghua-SIA/DAPO-Math-17k     train  -   prompt[user].content (unwrapped), reward_model.ground_truth, extra_info.index
      aime24   HuggingFaceH4/aime_2024             train  32  id, problem, answer, solution
      aime25   MathArena/aime_2025                 train  32  problem_idx, problem, answer
      aime26   MathArena/aime_2026                 train  32  problem_idx, problem, answer (int64)
      hmmt25   MathArena/hmmt_feb_2025             train  32  problem_idx, problem, answer
      minerva  math-ai/minervamath                 test   4   question, answer
+                                                             (or knoveleng/Minerva-Math, Qwen2.5-Math's
+                                                             evaluation/data/minerva_math: problem, idx and
+                                                             the answer as the solution's last \\boxed{})
      math500  HuggingFaceH4/MATH-500              test   4   unique_id, problem, answer, solution
      gsm8k    openai/gsm8k (config main)          test   1   question, answer ("<solution> #### <number>")
 
@@ -35,12 +38,26 @@ What this file owns
    `datasets` package is never needed). Rows -> [{"id", "problem", "answer",
    "solution"?}] with ids and answers as strings.
 
+   A plain PATH is read in whichever of these layouts its rows have: our schema (or
+   `question` for `problem`, `label` for `answer`, `problem_idx` / `unique_id` / `idx`
+   for `id`, or only a `solution` whose last \\boxed{} is the answer), or DAPO's
+   (`prompt` + `reward_model` / `label`).
+   Integer answers are written without leading zeros (AIME 2024 stores "025"; the
+   grader never cared, exact-string uses such as majority votes do).
+
    Nothing is dropped silently. A malformed row (missing field, empty answer, wrong
    type) raises `DataError` naming the file and the row; with on_error="skip" it is
    skipped and counted instead. Duplicates (same problem text after whitespace
-   normalisation) are dropped and counted: the public DAPO-Math-17k parquet repeats
-   its ~17.9k prompts ~100 times (1.79M rows). The counts come back in a report
-   dict and are printed as one line.
+   normalisation) are dropped and counted. A problem that appears with two different
+   answers is dropped whole (every copy) and counted as one conflict; the first few
+   are printed with their answers. The counts come back in a report dict and are
+   printed as one line.
+
+   The real DAPO-Math-17k parquet (hub revision 6587709, as recorded by the row-for-row
+   dump github.com/Geraldxm/math-vault): 1,791,700 rows = one 17,917-row
+   block repeated 100 times; 17,188 distinct problems after whitespace normalisation,
+   12 of them with two different answers (4 of those a "-1" placeholder next to the
+   true 554, 230, 683, 913), so 17,176 problems are kept.
 
 3. The paper's prompt: the user turn is
 
@@ -59,8 +76,15 @@ What this file owns
 DAPO-Math-17k ships its problems inside a verl prompt ("Solve the following math
 problem step by step. The last line of your response should be of the form Answer:
 $Answer ... \\n\\n<problem>\\n\\nRemember to put your answer on its own line after
-\"Answer:\"."); we strip that wrapper (rows without it are kept as they are and
-counted as `unwrapped`) so training sees the same prompt as evaluation.
+\"Answer:\"."); we strip that wrapper so training sees the same prompt as
+evaluation. Public copies also come with the wrapper already stripped (counted as
+`unwrapped`) or with another wording ("... of the form Answer: \\boxed{$Answer} where
+...", answer in a `label` column, e.g. zhuzilin/dapo-math-17k as used by slime); both
+wordings are stripped (`DAPO_PREFIXES`, `DAPO_SUFFIX`). A problem that still carries
+an answer-format instruction after unwrapping (`ANSWER_FORMAT`: "last line of your
+response", "$Answer", "put your final answer within \\boxed{}", ...) would reach the
+model with two conflicting instructions: the loader counts such problems
+(`instructed`) and prints a warning with an example, for every dataset.
 
 Run: python data.py aime24 --show 2        (prints the report and two rows)
      python -m pytest -q tests/test_data.py
@@ -158,15 +182,27 @@ def _text(value, field):
     return value.strip()
 
 
+_ZERO_PADDED = re.compile(r"^([-+]?)0+(?=\d)")
+
+
 def _answer(value, field):
-    """The reference answer as a non-empty string; integers are accepted (MathArena stores int64)."""
+    """The reference answer as a non-empty string; numbers are accepted (MathArena stores int64;
+    a JSON 1.5 is the answer "1.5").
+
+    An integer written with leading zeros ("025", AIME 2024) comes back without them ("25").
+    """
     if isinstance(value, bool):  # bool is an int subclass; never an answer
-        raise _BadRow(f"field {field!r} must be a string or an integer, got bool")
+        raise _BadRow(f"field {field!r} must be a string or a number, got bool")
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return _text(value, field)
+    if isinstance(value, float):
+        if not value == value or value in (float("inf"), float("-inf")):
+            raise _BadRow(f"field {field!r} is {value}, not an answer")
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = _text(value, field)
+    if re.fullmatch(r"[-+]?\d+", text):
+        text = _ZERO_PADDED.sub(r"\1", text, count=1)
+    return text
 
 
 def _id(value):
@@ -180,34 +216,108 @@ def _id(value):
 # ----------------------------------------------------------------------------
 # the column mappings: row (dict) -> (raw id or None, problem, answer, solution or None)
 
-DAPO_PREFIX = (
+# The verl prompt DAPO-Math-17k ships (the official parquet), and the other wording
+# public copies use (zhuzilin/dapo-math-17k, slime's example data: answer in `label`).
+DAPO_PREFIXES = (
     "Solve the following math problem step by step. The last line of your response should "
-    "be of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    "be of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
+    "Solve the following math problem step by step. The last line of your response should "
+    "be of the form Answer: \\boxed{$Answer} where $Answer is the answer to the problem.\n\n",
 )
+DAPO_PREFIX = DAPO_PREFIXES[0]
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+# An answer-format instruction left inside a problem: it would contradict ours.
+ANSWER_FORMAT = re.compile(
+    r"last line of your response|\$Answer\b|on its own line after|"
+    r"\b(?:put|place|output|write|enclose)\s+(?:\w+\s+){0,3}answers?\b[^.\n]{0,30}\\boxed|\\boxed\{\s*\}",
+    re.IGNORECASE,
+)  # fmt: skip
 
 
 def unwrap_dapo(content):
-    """(problem, was_wrapped): strip DAPO's verl instruction wrapper from a prompt."""
-    if content.startswith(DAPO_PREFIX) and content.endswith(DAPO_SUFFIX):
-        return content[len(DAPO_PREFIX):-len(DAPO_SUFFIX)], True
-    return content, False
+    """(problem, was_wrapped): strip DAPO's verl instruction wrapper (either wording) from a prompt.
+
+    The prefix and the suffix are stripped independently: a copy that kept only one of
+    them is unwrapped too.
+    """
+    problem, wrapped = content, False
+    for prefix in DAPO_PREFIXES:
+        if problem.startswith(prefix):
+            problem, wrapped = problem[len(prefix):], True
+            break
+    if problem.endswith(DAPO_SUFFIX):
+        problem, wrapped = problem[: -len(DAPO_SUFFIX)], True
+    return problem.strip(), wrapped
+
+
+def _first(row, fields):
+    """(field, value) of the first of `fields` the row has (dotted paths allowed), else (None, None)."""
+    for f in fields:
+        try:
+            return f, _get(row, f)
+        except _BadRow:
+            continue
+    return None, None
+
+
+def _boxed_answer(solution, field):
+    """The last \\boxed{...} of a worked solution: the answer of layouts that have no answer column."""
+    import grading  # the grader's own extractor: the same braces rule as for model responses
+
+    box = grading.extract_answer(_text(solution, field))
+    if box is None:
+        raise _BadRow(f"field {field!r} has no \\boxed{{}} answer")
+    return box
 
 
 def _map_generic(row):
+    """Our schema, and the usual variants of its column names; DAPO's layout if the row has `prompt`."""
+    pf, problem = _first(row, ("problem", "question"))
+    if pf is None and "prompt" in row:
+        return _map_dapo(row)
+    if pf is None:
+        raise _BadRow("missing field 'problem' (or 'question', or DAPO's 'prompt')")
+    af, answer = _first(row, ("answer", "label", "ground_truth"))
     sol = row.get("solution")
-    return _id(row.get("id")), _text(_get(row, "problem"), "problem"), _answer(_get(row, "answer"), "answer"), sol
+    if af is None and sol is not None:
+        answer = _boxed_answer(sol, "solution")
+    elif af is None:
+        raise _BadRow("missing field 'answer' (or 'label', 'ground_truth', or a 'solution' with a \\boxed{} answer)")
+    else:
+        answer = _answer(answer, af)
+    _, raw_id = _first(row, ("id", "problem_idx", "unique_id", "idx"))
+    return _id(raw_id), _text(problem, pf), answer, sol
 
 
 def _map_dapo(row):
-    prompt = _get(row, "prompt")
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise _BadRow(f"field 'prompt' must be a non-empty list of chat messages, got {type(prompt).__name__}")
-    user = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-    if not user:
-        raise _BadRow("field 'prompt' has no user message")
-    problem = _text(user[-1].get("content"), "prompt[user].content")
-    return _id(_opt(row, "extra_info.index")), problem, _answer(_get(row, "reward_model.ground_truth"), "reward_model.ground_truth"), None
+    """DAPO-Math-17k: the official verl layout, the `label` copies, and stripped copies.
+
+    problem: the last user message of `prompt` (a chat list), or `prompt` as a string, or
+        `problem` (copies that stored the unwrapped problem);
+    answer: reward_model.ground_truth, else `label`, else `answer`;
+    id: extra_info.index, else `id`.
+    """
+    prompt = row.get("prompt")
+    if prompt is None:
+        pf, problem = _first(row, ("problem", "question"))
+        if pf is None:
+            raise _BadRow("missing field 'prompt' (or 'problem')")
+        problem = _text(problem, pf)
+    elif isinstance(prompt, str):
+        problem = _text(prompt, "prompt")
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        user = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if not user:
+            raise _BadRow("field 'prompt' has no user message")
+        problem = _text(user[-1].get("content"), "prompt[user].content")
+    else:
+        raise _BadRow(f"field 'prompt' must be a non-empty list of chat messages or a string, got {type(prompt).__name__}")
+    af, answer = _first(row, ("reward_model.ground_truth", "label", "answer"))
+    if af is None:
+        raise _BadRow("missing the answer: none of 'reward_model.ground_truth', 'label', 'answer'")
+    _, raw_id = _first(row, ("extra_info.index", "id"))
+    return _id(raw_id), problem, _answer(answer, af), None
 
 
 def _map_h4_aime(row):  # HuggingFaceH4/aime_2024: id, problem, solution, answer, url, year
@@ -218,8 +328,16 @@ def _map_matharena(row):  # MathArena/*: problem_idx, problem, answer (str or in
     return _id(_opt(row, "problem_idx")), _text(_get(row, "problem"), "problem"), _answer(_get(row, "answer"), "answer"), None
 
 
-def _map_question_answer(row):  # math-ai/minervamath: question, answer
-    return None, _text(_get(row, "question"), "question"), _answer(_get(row, "answer"), "answer"), None
+def _map_minerva(row):
+    """math-ai/minervamath: question, answer. knoveleng/Minerva-Math and Qwen2.5-Math's
+    evaluation/data/minerva_math: problem, solution, type, idx, with the answer only as
+    the solution's last \\boxed{} (the same 272 answers)."""
+    if "question" in row:
+        return _id(row.get("idx")), _text(row["question"], "question"), _answer(_get(row, "answer"), "answer"), None
+    if "problem" in row and "solution" in row:
+        return _id(row.get("idx")), _text(row["problem"], "problem"), _boxed_answer(row["solution"], "solution"), row["solution"]
+    raise _BadRow("missing field 'answer': expected question/answer (math-ai/minervamath) "
+                  "or problem/solution (knoveleng/Minerva-Math)")  # fmt: skip
 
 
 def _map_math500(row):  # HuggingFaceH4/MATH-500: problem, solution, answer, subject, level, unique_id
@@ -254,20 +372,22 @@ SOURCES = {
     for s in [
         Source("dapo", "BytedTsinghua-SIA/DAPO-Math-17k", "train", ("data/dapo-math-17k.parquet",), _map_dapo, 0,
                "verified: file path, prompt as a chat list, reward_model.ground_truth, extra_info.index, "
-               "the verl wrapper text (public loaders strip the same strings); ~1.79M rows = ~17.9k x ~100"),
+               "the verl wrapper text (public loaders strip the same strings); 1,791,700 rows = 17,917 x 100, "
+               "17,188 distinct problems, 12 with conflicting answers (math-vault's dump of revision 6587709)"),
         Source("aime24", "HuggingFaceH4/aime_2024", "train", ("data/train-*.parquet",), _map_h4_aime, 32,
                "verified: dataset card features id(int64) problem solution answer(string) url year, split train, 30 rows"),
         Source("aime25", "MathArena/aime_2025", "train", ("data/train-*.parquet",), _map_matharena, 32,
-               "assumed: the MathArena layout (problem_idx, problem, answer; data/train-*) as verified on "
-               "aime_2026 / hmmt_feb_2026 / cmimc_2025 cards; answer may be string or int64 (both accepted)"),
+               "verified on the row-for-row dump of hub revision c94da77 (github.com/Geraldxm/math-vault): "
+               "data/train-00000-of-00001.parquet, problem_idx, problem, answer (int64), problem_type; 30 rows"),
         Source("aime26", "MathArena/aime_2026", "train", ("data/train-*.parquet",), _map_matharena, 32,
                "verified: dataset card features problem_idx(int64) answer(int64) problem, split train, 30 rows"),
         Source("hmmt25", "MathArena/hmmt_feb_2025", "train", ("data/train-*.parquet",), _map_matharena, 32,
-               "verified: data/train-00000-of-00001.parquet; columns assumed as hmmt_feb_2026's card "
-               "(problem_idx, answer string, problem_type, problem)"),
-        Source("minerva", "math-ai/minervamath", "test", ("test*",), _map_question_answer, 4,
+               "verified on the dump of hub revision 6fdc427 (math-vault): data/train-00000-of-00001.parquet, "
+               "problem_idx, problem, answer (string), problem_type; 30 rows"),
+        Source("minerva", "math-ai/minervamath", "test", ("test*", "data/test*"), _map_minerva, 4,
                "verified: dataset card features question, answer; split test (272 rows) from files 'test*' "
-               "(the file's format, jsonl or parquet, was not seen: both are read)"),
+               "(root or data/; jsonl or parquet, both are read). Also reads the knoveleng/Minerva-Math and "
+               "Qwen2.5-Math layout (problem, solution, type, idx; verified on their files: the same 272 rows)"),
         Source("math500", "HuggingFaceH4/MATH-500", "test", ("test.jsonl",), _map_math500, 4,
                "verified: test.jsonl with problem solution answer subject level unique_id, 500 rows"),
         Source("gsm8k", "openai/gsm8k", "test", ("main/test-*.parquet",), _map_gsm8k, 1,
@@ -293,10 +413,20 @@ def _plain(x):
     return x
 
 
+def _decode(raw, path, lineno=None):
+    """bytes -> str, or a DataError naming the file, line and byte that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno if lineno is not None else raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a bad byte is reported with its line, not as a bare UnicodeDecodeError
         row = 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             loc = f"{path}: row {row} (line {lineno})"
@@ -306,14 +436,19 @@ def _read_jsonl(path):
                 raise DataError(f"{loc}: not valid JSON ({e.msg})") from None
             yield loc, obj
             row += 1
+    if row == 0:
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
+    if not text.strip():
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(obj, dict):  # {"<split or 'data'>": [rows]} with exactly one list inside
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -321,6 +456,8 @@ def _read_json(path):
         obj = lists[0]
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
+    if not obj:
+        raise DataError(f"{path}: no rows (an empty list)")
     for i, row in enumerate(obj):
         yield f"{path}: row {i}", row
 
@@ -332,10 +469,16 @@ def _read_parquet(path):
         pq = None
     if pq is not None:
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):  # streamed, batch by batch
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow's errors (ArrowInvalid) name no file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        for batch in pf.iter_batches(batch_size=8192):  # streamed, batch by batch
             for row in batch.to_pylist():
                 yield f"{path}: row {i}", row
                 i += 1
+        if i == 0:
+            raise DataError(f"{path}: no rows")
         return
     try:
         import pandas as pd
@@ -344,6 +487,8 @@ def _read_parquet(path):
             f"reading {path} needs pyarrow or pandas (optional extras): pip install pyarrow"
         ) from None
     df = pd.read_parquet(path)
+    if len(df) == 0:
+        raise DataError(f"{path}: no rows")
     for i, row in enumerate(df.to_dict("records")):
         yield f"{path}: row {i}", _plain(row)
 
@@ -366,12 +511,24 @@ def read_rows(path):
 # finding the files of a spec
 
 
+_DATA_EXTS = (".jsonl", ".json", ".parquet")
+
+
 def _split_files(root, source):
-    """The split's data files under a local snapshot folder."""
+    """The split's data files under a snapshot folder.
+
+    A vendored copy may keep its data under another split's name (knoveleng/Minerva-Math:
+    data/train-*.parquet for minerva's test split); the error then lists the data files
+    found, so the user can pass the file itself.
+    """
     files = sorted({f for pat in source.files for f in glob.glob(os.path.join(root, pat))
-                    if f.endswith((".jsonl", ".json", ".parquet"))})  # fmt: skip
+                    if f.endswith(_DATA_EXTS)})  # fmt: skip
     if not files:
-        raise FileNotFoundError(f"{root}: no files matching {list(source.files)} for {source.name} ({source.hub_id})")
+        found = sorted(os.path.relpath(f, root) for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                       if f.endswith(_DATA_EXTS))  # fmt: skip
+        hint = f"; data files there: {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} (pass one as " \
+               f"'{source.name}=FILE')" if found else ""  # fmt: skip
+        raise FileNotFoundError(f"{root}: no files matching {list(source.files)} for {source.name} ({source.hub_id}){hint}")
     return files
 
 
@@ -432,13 +589,20 @@ def load_problems(spec, *, limit=None, on_error="raise", dedup=True, verbose=Tru
     """Load one dataset. Returns (problems, report).
 
     problems: [{"id": str, "problem": str, "answer": str, "solution": str (when known)}]
-    report: {"name", "files", "rows", "kept", "duplicates", "conflicts", "skipped",
-             "skip_reasons" (first 5), "unwrapped", "k"}; also printed as one line if verbose.
+    report: {"name", "files", "rows", "kept", "duplicates", "conflicts", "conflict_examples",
+             "skipped", "skip_reasons" (first 5), "unwrapped", "instructed",
+             "instructed_examples", "k"}; printed (describe, warnings) if verbose.
         duplicates: rows dropped as repeats of an earlier problem (same text after
-            whitespace normalisation); conflicts: how many of those carried a different
-            answer than the kept row (kept: the first).
+            whitespace normalisation);
+        conflicts: problems dropped (every copy) because their copies carry different
+            answers; conflict_examples: the first 3, {"id", "problem", "answers"};
+        unwrapped: DAPO problems (distinct, kept) that had no DAPO wrapper to strip;
+        instructed: kept problems still holding an answer-format instruction
+            (`ANSWER_FORMAT`) after unwrapping; instructed_examples: the first 3, {"id", "text"
+            (the instruction with some context)}.
     on_error: "raise" (default) a DataError naming file and row, or "skip" and count.
-    limit: keep only the first `limit` problems (after dedup).
+    limit: keep only the first `limit` problems (after dedup and conflicts: the whole file
+        is read, so a conflict further down still drops its problem).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -446,9 +610,12 @@ def load_problems(spec, *, limit=None, on_error="raise", dedup=True, verbose=Tru
     if files is None:
         files = hub_files(src, revision=revision, cache_dir=cache_dir)
     map_row = src.map_row if src is not None else _map_generic
-    report = dict(name=name, files=files, rows=0, kept=0, duplicates=0, conflicts=0, skipped=0,
-                  skip_reasons=[], unwrapped=0, k=src.k if src is not None else GENERIC_K)  # fmt: skip
-    problems, seen, ids = [], {}, set()
+    is_dapo = src is not None and src.name == "dapo"
+    report = dict(name=name, files=files, rows=0, kept=0, duplicates=0, conflicts=0, conflict_examples=[],
+                  skipped=0, skip_reasons=[], unwrapped=0, instructed=0, instructed_examples=[],
+                  k=src.k if src is not None else GENERIC_K)  # fmt: skip
+    problems, wrapped_flags, ids = [], [], set()
+    first, answers = {}, {}  # normalised problem -> its index in problems; -> its distinct answers (whitespace-normalised), in order seen
     for path in files:
         for loc, row in read_rows(path):
             report["rows"] += 1
@@ -456,9 +623,9 @@ def load_problems(spec, *, limit=None, on_error="raise", dedup=True, verbose=Tru
                 if not isinstance(row, dict):
                     raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
                 raw_id, problem, answer, solution = map_row(row)
-                if src is not None and src.name == "dapo":
-                    problem, wrapped = unwrap_dapo(problem)
-                    report["unwrapped"] += not wrapped
+                problem, wrapped = unwrap_dapo(problem)  # DAPO's wording only: a no-op elsewhere
+                if not problem:
+                    raise _BadRow("the problem is empty once the DAPO wrapper is removed")
                 if solution is not None and not isinstance(solution, str):
                     raise _BadRow(f"field 'solution' must be a string, got {type(solution).__name__}")
             except _BadRow as e:
@@ -469,11 +636,12 @@ def load_problems(spec, *, limit=None, on_error="raise", dedup=True, verbose=Tru
                     report["skip_reasons"].append(f"{loc}: {e}")
                 continue
             key = _norm(problem)
-            if dedup and key in seen:
+            if dedup and key in first:
                 report["duplicates"] += 1
-                report["conflicts"] += seen[key] != answer
+                if _norm(answer) not in answers[key]:
+                    answers[key].append(_norm(answer))
                 continue
-            seen[key] = answer
+            first[key], answers[key] = len(problems), [_norm(answer)]
             pid = raw_id if raw_id is not None else str(report["rows"] - 1)
             if pid in ids:  # a repeated id on a different problem: keep both, make the id unique
                 pid = f"{pid}#{report['rows'] - 1}"
@@ -482,13 +650,34 @@ def load_problems(spec, *, limit=None, on_error="raise", dedup=True, verbose=Tru
             if solution:
                 rec["solution"] = solution.strip()
             problems.append(rec)
-            if limit is not None and len(problems) >= limit:
-                break
-        if limit is not None and len(problems) >= limit:
-            break
+            wrapped_flags.append(wrapped)
+    # a problem with two answers has at most one right one, and nothing says which:
+    # drop it whole (DAPO: 12 problems; 4 of them keep a "-1" placeholder first)
+    conflicted = [key for key, a in answers.items() if len(a) > 1]
+    if conflicted:
+        drop = {first[key] for key in conflicted}
+        report["conflicts"] = len(conflicted)
+        report["conflict_examples"] = [
+            {"id": problems[first[key]]["id"], "problem": problems[first[key]]["problem"], "answers": answers[key]}
+            for key in conflicted[:3]
+        ]
+        keep = [i for i in range(len(problems)) if i not in drop]
+        problems, wrapped_flags = [problems[i] for i in keep], [wrapped_flags[i] for i in keep]
+    if limit is not None:
+        problems, wrapped_flags = problems[:limit], wrapped_flags[:limit]
+    if is_dapo:
+        report["unwrapped"] = sum(not w for w in wrapped_flags)
+    for p in problems:
+        m = ANSWER_FORMAT.search(p["problem"])
+        if m:
+            report["instructed"] += 1
+            if len(report["instructed_examples"]) < 3:  # the instruction with some context before it
+                report["instructed_examples"].append({"id": p["id"], "text": p["problem"][max(0, m.start() - 60): m.end() + 60]})
     report["kept"] = len(problems)
     if verbose:
         print(describe(report))
+        for line in warnings(report):
+            print(line)
     return problems, report
 
 
@@ -497,11 +686,33 @@ def describe(report):
     s = (f"[data] {report['name']}: {report['rows']} rows -> {report['kept']} problems "
          f"({report['duplicates']} duplicates dropped")  # fmt: skip
     if report["conflicts"]:
-        s += f", {report['conflicts']} of them with a different answer"
+        s += f", {report['conflicts']} problems with conflicting answers dropped"
     s += f", {report['skipped']} malformed rows skipped"
     if report["unwrapped"]:
-        s += f", {report['unwrapped']} prompts without the DAPO wrapper"
+        s += f", {report['unwrapped']} problems without the DAPO wrapper"
     return s + ")"
+
+
+def _snippet(text, n=100):
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def warnings(report):
+    """Lines to print loudly: the dropped conflicts, problems that keep an answer-format instruction."""
+    out = []
+    for c in report["conflict_examples"]:
+        out.append(f"  conflict: id {c['id']} has answers {' vs '.join(map(repr, c['answers']))}: {_snippet(c['problem'])!r}")
+    if report["conflicts"] > len(report["conflict_examples"]):
+        out.append(f"  ... and {report['conflicts'] - len(report['conflict_examples'])} more conflicting problems")
+    if report["instructed"]:
+        ex = report["instructed_examples"][0]
+        out.append(
+            f"[data] WARNING {report['name']}: {report['instructed']} problems still carry an answer-format "
+            f"instruction after unwrapping (the prompt adds ours: two conflicting instructions), "
+            f"e.g. id {ex['id']}: {'...' + _snippet(ex['text'], 200)!r}"
+        )
+    return out
 
 
 def main(args):

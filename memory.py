@@ -28,9 +28,14 @@ What this file owns
                     what is left after the fixed parts, divided by this
        logits       one chunk of the output head in fp32 (model.response_logprobs scores
                     `chunk` positions at a time: logits, softmax and their gradient)
-       KV cache     2 (K, V) x layers x kv_heads x head_dim x bytes per token of a sampled row
-                    (+ the sampler's fp32 (rows, V) buffers: logits, log-softmax, uniforms);
-                    the rows per sampling WAVE are what fits (grads are freed while sampling)
+       KV cache     2 (K, V) x layers x kv_heads x head_dim x bytes per token of a sampled row;
+                    while sampling the grads are freed and (one GPU, `offload=True`) AdamW's
+                    state sits in pinned CPU memory (AdamW.offload), so the sampler's paged KV
+                    pool (rollout.py) gets everything but the weights, the reserve and its
+                    per-row (rows, V) buffers (fp32 logits, log-softmax, probabilities, fp64
+                    CDF: 24 B x V per row). Reported: the KV budget in tokens, the WORST-CASE
+                    rows (every row at prompt + max new tokens) and, from `concurrent_rows`,
+                    the rows decoding at once for a realistic length distribution.
 
    Activations saved for backward, per token and decoder layer (b = bytes of the dtype; D
    hidden, I intermediate, q = heads x head_dim, k = kv_heads x head_dim), counting what
@@ -59,6 +64,7 @@ from dataclasses import dataclass, field
 import torch
 
 GiB = 2**30
+SAMPLER_BYTES_PER_VOCAB = 24  # rollout._next_token per row: fp32 logits, log-softmax, probabilities (12 B) + fp64 CDF (8 B) + slack
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,6 +127,31 @@ class AdamW:
             w.addcdiv_(s["exp_avg"], denom, value=(self.lr / (1 - b1**t)) * -1)
             if w is not p:
                 p.copy_(w)  # round the fp32 master to the parameter's dtype
+
+    @torch.no_grad()
+    def offload(self, device="cpu") -> None:
+        """Move every state tensor (fp32 master, moments) to `device` (pinned CPU memory when CUDA
+        is in use), freeing its GPU memory for the sampler's KV cache; `reload()` brings it back
+        before the update. Copies are exact, so the update after a round trip is bit-identical
+        (tests/test_memory.py). The copies are issued non-blocking on the current stream, so
+        later kernels on that stream (the sampler, the reload) are ordered after them."""
+        device = torch.device(device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        for s in self.state.values():
+            for k, v in s.items():
+                if k == "step":
+                    continue
+                new = torch.empty(v.shape, dtype=v.dtype, device=device, pin_memory=pin)
+                s[k] = new.copy_(v, non_blocking=True)
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Move the state back next to its parameters (undoes `offload`)."""
+        for name, s in self.state.items():
+            dev = self.params[name].device
+            for k, v in s.items():
+                if k != "step" and v.device != dev:
+                    s[k] = v.to(dev, non_blocking=True)
 
     def state_dict(self) -> dict:
         """{"hparams": {...}, "state": {name: {exp_avg, exp_avg_sq, step[, master]}}}: the live tensors
@@ -247,11 +278,14 @@ class Plan:
     logits: int
     kv_per_token: int
     reserve: int
+    vocab: int
     rows: int  # rollouts per step (on this GPU)
     row_tokens: int  # prompt + new tokens of the longest row
     micro_batch_tokens: int  # chosen: padded tokens per training micro-batch
-    sample_rows: int  # chosen: rows per sampling wave
-    group: int  # rows of one prompt (waves hold whole groups)
+    sample_rows: int  # worst case: rows whose full-length KV cache fits at once (whole groups)
+    group: int  # rows of one prompt
+    offload: bool = True  # AdamW state in CPU memory while sampling
+    kv_tokens: int = 0  # chosen: the sampler's KV pool, tokens
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -259,13 +293,17 @@ class Plan:
         return self.weights + self.grads + self.optimizer + self.logits + self.reserve
 
     @property
-    def fixed_sample(self) -> int:  # grads are freed (zero_grad(set_to_none)) before sampling
-        return self.weights + self.optimizer + self.reserve
+    def fixed_sample(self) -> int:  # grads are freed (zero_grad(set_to_none)) before sampling; AdamW offloaded
+        return self.weights + (0 if self.offload else self.optimizer) + self.reserve
+
+    @property
+    def sampler_buffers(self) -> int:  # the sampler's per-row (rows, V) buffers, all rows live
+        return self.rows * SAMPLER_BYTES_PER_VOCAB * self.vocab
 
     def table(self) -> str:
         g = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
         mb_act = self.micro_batch_tokens * self.act_per_token
-        kv = self.sample_rows * self.row_tokens * self.kv_per_token
+        kv = self.kv_tokens * self.kv_per_token
         size = f"{self.n_params / 1e9:.2f}B" if self.n_params >= 1e8 else f"{self.n_params / 1e6:.1f}M"
         lines = [
             f"memory plan ({size} params, {self.dtype_bytes} B/param weights, optimizer states {self.states}, "
@@ -277,10 +315,12 @@ class Plan:
             f"  logits chunk {g(self.logits)}",
             f"  activations  {g(mb_act)}   ({self.act_per_token / 2**10:.1f} KiB/token x {self.micro_batch_tokens} tokens per micro-batch)",
             f"  = training peak {g(self.fixed_train + mb_act)}",
-            f"  KV cache     {g(kv)}   ({self.kv_per_token / 2**10:.1f} KiB/token x {self.sample_rows} rows x {self.row_tokens} tokens per wave)",
-            f"  = sampling peak {g(self.fixed_sample + kv)}",
-            f"  budget: micro-batch {self.micro_batch_tokens} tokens; sampling {self.sample_rows} of {self.rows} rows per wave "
-            f"({math.ceil(self.rows / max(1, self.sample_rows))} waves)",
+            f"  KV cache     {g(kv)}   ({self.kv_per_token / 2**10:.1f} KiB/token x {self.kv_tokens} tokens: the sampler's paged pool; "
+            f"optimizer {'in CPU memory' if self.offload else 'resident'} while sampling)",
+            f"  sampler bufs {g(self.sampler_buffers)}   ({self.rows} rows x {SAMPLER_BYTES_PER_VOCAB} B x {self.vocab} vocab)",
+            f"  = sampling peak {g(self.fixed_sample + kv + self.sampler_buffers)}",
+            f"  budget: micro-batch {self.micro_batch_tokens} tokens; KV {self.kv_tokens} tokens = {self.sample_rows} of {self.rows} rows "
+            f"at the worst case ({self.row_tokens} tokens each), more when responses are shorter (continuous batching)",
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
@@ -303,6 +343,7 @@ def plan(
     n_params: int | None = None,
     reserve: int = 2 * GiB,
     act_fraction: float = 0.75,
+    offload: bool = True,
 ) -> Plan:
     """The memory plan for one GPU (module docstring); budgets fill what the fixed parts leave.
 
@@ -314,6 +355,8 @@ def plan(
     head whole, so this is a slight underestimate there). tp: the KV cache is split over the TP
     degree (its heads are). n_params: the real count
     (default: from the config). act_fraction: share of the free memory given to activations.
+    offload: AdamW's state goes to CPU memory while sampling (train.py on one GPU; False keeps
+    it resident, e.g. under FSDP / TP).
     """
     c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n = n_params if n_params is not None else count_params(c)
@@ -324,20 +367,46 @@ def plan(
     logits = 3 * chunk * c.vocab_size * 4  # fp32 logits, their softmax and their gradient
     kv = kv_bytes_per_token(c, dtype_bytes) // tp  # TP splits the KV heads
     row_tokens = prompt_len + new_tokens
-    p = Plan(n, dtype_bytes, states, grad_ckpt, gpu_bytes, weights, grads, optimizer, act, logits, kv, reserve, rows, row_tokens, 0, 0, group)
+    p = Plan(n, dtype_bytes, states, grad_ckpt, gpu_bytes, weights, grads, optimizer, act, logits, kv, reserve, c.vocab_size, rows, row_tokens, 0, 0, group, offload)
     free_train = gpu_bytes - p.fixed_train
     p.micro_batch_tokens = max(0, int(act_fraction * free_train) // act)
     if micro_batch_rows is not None:
         p.micro_batch_tokens = min(p.micro_batch_tokens, micro_batch_rows * row_tokens)
     if p.micro_batch_tokens < row_tokens:
         p.notes.append(f"a micro-batch of {p.micro_batch_tokens} tokens holds less than one {row_tokens}-token row: lower --max-new-tokens or shard (--fsdp)")
-    free_sample = gpu_bytes - p.fixed_sample
-    per_row = row_tokens * kv + 5 * 4 * c.vocab_size  # its KV cache + the sampler's per-step fp32 (rows, V) buffers
-    fit = max(0, free_sample) // per_row  # rows whose full-length KV cache fits
+    p.kv_tokens = max(0, gpu_bytes - p.fixed_sample - p.sampler_buffers) // kv
+    fit = p.kv_tokens // row_tokens  # rows whose full-length KV cache fits
     p.sample_rows = min(rows, fit // group * group if fit >= group else fit)
-    if p.sample_rows < group:
-        p.notes.append(f"fewer than {group} rows fit in the KV budget at {row_tokens} tokens: lower --max-new-tokens")
+    if p.kv_tokens < row_tokens:
+        p.notes.append(f"the KV budget ({p.kv_tokens} tokens) holds less than one {row_tokens}-token row: lower --max-new-tokens")
     return p
+
+
+def lognormal_lengths(rows: int, *, median: float, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    """Response lengths ~ lognormal(log median, sigma), capped at `cap` tokens (at least 1): a
+    stand-in for a reasoning model's length distribution (median 1.5K, sigma 0.75: mean ~2K)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(math.log(median) + sigma * torch.randn(rows, generator=g, dtype=torch.float64))
+    return x.round().clamp(1, cap).long().tolist()
+
+
+def concurrent_rows(p: Plan, lengths: list[int], *, prompt_len: int, page_size: int = 16) -> dict:
+    """The schedule rollout.py's engine gets on this plan's KV budget for these response lengths
+    (rows prompt-major, `p.group` per prompt), simulated without a model (rollout.simulate).
+    Returns its stats plus the ideal decode calls, the lower bound
+        max(longest, total tokens / rows, KV token-steps / KV budget)
+    (every call decodes at most all rows, and at most kv_tokens tokens of context in all)."""
+    import rollout
+
+    n, B = p.group, len(lengths) // p.group
+    T = p.row_tokens - prompt_len
+    st = rollout.simulate([prompt_len] * B, n, lengths, T, num_pages=p.kv_tokens // page_size, page_size=page_size, max_rows=len(lengths))
+    L = [min(x, T) for x in lengths]
+    kv_steps = sum(prompt_len * x + x * (x - 1) // 2 for x in L)  # context tokens held, summed over decode steps
+    ideal = max(max(L) - 1, math.ceil((sum(L) - len(L)) / len(L)), math.ceil(kv_steps / max(1, p.kv_tokens)))
+    mean_live = st["decode_rows"] / max(1, st["decode_calls"])
+    return dict(st, ideal_decode_calls=ideal, ratio_to_ideal=st["decode_calls"] / max(1, ideal), mean_live_rows=mean_live,
+                mean_length=sum(L) / len(L), longest=max(L))  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -351,6 +420,10 @@ if __name__ == "__main__":
     ap.add_argument("--rows", type=int, default=256, help="rollouts per step (B x G)")
     ap.add_argument("--new-tokens", type=int, default=8192, help="max new tokens per rollout")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (padded)")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
+    ap.add_argument("--keep-optim-on-gpu", action="store_true", help="plan with AdamW's state resident while sampling (default: offloaded to CPU)")
+    ap.add_argument("--median-len", type=float, default=1500, help="median response length of the simulated lognormal distribution, tokens")
+    ap.add_argument("--sigma", type=float, default=0.75, help="sigma of the lognormal (0.75 with median 1.5K: mean ~2K tokens)")
     a = ap.parse_args()
     if a.model.startswith("random:"):
         import model as model_lib
@@ -362,4 +435,13 @@ if __name__ == "__main__":
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(a.model)
-    print(plan(cfg, gpu_bytes=int(a.gpu_gib * GiB), states=a.states, grad_ckpt=not a.no_grad_ckpt, rows=a.rows, prompt_len=a.prompt_len, new_tokens=a.new_tokens).table())
+    p = plan(cfg, gpu_bytes=int(a.gpu_gib * GiB), states=a.states, grad_ckpt=not a.no_grad_ckpt, rows=a.rows, prompt_len=a.prompt_len,
+             new_tokens=a.new_tokens, group=a.group, offload=not a.keep_optim_on_gpu)  # fmt: skip
+    print(p.table())
+    if p.kv_tokens >= p.row_tokens:
+        lens = lognormal_lengths(a.rows, median=a.median_len, sigma=a.sigma, cap=a.new_tokens)
+        st = concurrent_rows(p, lens, prompt_len=a.prompt_len)
+        print(f"  schedule (lognormal lengths, median {a.median_len:.0f}, sigma {a.sigma}, capped at {a.new_tokens}: mean {st['mean_length']:.0f}, "
+              f"longest {st['longest']}): up to {st['max_live_rows']} rows decoding at once (the KV holds {p.kv_tokens // (a.prompt_len + round(st['mean_length']))} "
+              f"at the mean length), {st['mean_live_rows']:.0f} on average over decode calls (the long tail runs alone), "
+              f"{st['decode_calls']} decode calls = {st['ratio_to_ideal']:.2f}x the ideal {st['ideal_decode_calls']}, {st['preemptions']} preemptions")

@@ -192,8 +192,9 @@ def bench_longest(model_name: str, cfg: dict, device) -> dict:
 
     def fits(L: int) -> bool:
         try:
+            # the engine's KV pool sized for every row at full length (the worst case), allocated at prefill
             sample(model, prompts, n=G, max_new_tokens=L, eos_token_ids=all_eos, pad_token_id=tok.pad_token_id,
-                   generator=torch.Generator(device=device).manual_seed(0))  # fmt: skip
+                   generator=torch.Generator(device=device).manual_seed(0), kv_tokens=B * G * (P + L + 16), max_rows=B * G)  # fmt: skip
             sync(device)
             return True
         except torch.cuda.OutOfMemoryError:
@@ -205,7 +206,7 @@ def bench_longest(model_name: str, cfg: dict, device) -> dict:
     mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     est = None
     if mem:
-        pl = memory.plan(model.config, gpu_bytes=mem, rows=B * G, prompt_len=P, new_tokens=0, group=G, states="fp32")
+        pl = memory.plan(model.config, gpu_bytes=mem, rows=B * G, prompt_len=P, new_tokens=0, group=G, states="fp32", offload=False)  # AdamW stays resident here
         per_row = (mem - pl.fixed_sample) / (B * G) - 5 * 4 * V  # bytes a row's KV cache may take (memory.plan's rule)
         est = int(per_row // pl.kv_per_token) - P  # the plan's longest response
     res = {"rows": B * G, "prompt_len_padded": P, "plan_estimate": est}

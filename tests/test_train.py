@@ -151,3 +151,62 @@ def test_real_model_path_on_local_files(tmp_path):
     assert [e["step"] for e in evals] == [0, 1, 2] and all(e["eval_acc"] == 0.0 for e in evals)
     args = json.load(open(tmp_path / "run" / "args.json"))
     assert args["lr"] == 1e-5 and args["micro_batch"] == 3  # flags beat the real-model defaults
+
+
+@pytest.mark.parametrize("method", ["antisd", "sd", "grpo"])
+def test_official_recipe_runs_and_logs_its_quantities(tmp_path, method):
+    _, steps, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--recipe", "official", "--method", method, "--warmup-steps", "2")
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert all(r["recipe"] == "official" for r in steps)
+    keys = ("lam_std", "lam_max", "lam_pos_frac", "u_zeroed_frac", "sigma_ref", "tppl_mean", "tppl_target", "tppl_masked_frac", "len_masked_frac")
+    if method == "grpo":
+        assert all(r["lam"] == 0.0 and all(r[k] is None for k in keys) for r in steps)
+        return
+    warm, post = steps[:2], steps[2]
+    assert all(r["lam"] == 0.0 and r["lam_max"] == 0.0 and r["tppl_target"] is None and r["sigma_ref"] is None for r in warm)
+    assert post["tppl_target"] >= 1.01 and post["sigma_ref"] > 0 and 0 <= post["u_zeroed_frac"] <= 1
+    assert 0 <= post["lam"] <= post["lam_max"] <= 0.5 and post["gate_kind"] == "tppl"
+    args = json.load(open(tmp_path / "run" / "args.json"))
+    assert args["recipe"] == "official" and args["len_mask"] == round(24 * 12000 / 16384)
+
+
+def test_official_resume_mid_warmup_continues_exactly(tmp_path):
+    # warm-up of 3 steps; cut after step 2 (inside it): steps 3-5 (end of warm-up, calibration,
+    # the hysteresis) must match an uninterrupted run
+    flags = ["--eval-every", "0", "--save-every", "100", "--recipe", "official", "--warmup-steps", "3"]
+    _, full, _ = run(tmp_path, "--steps", "5", *flags, out="full")
+    run(tmp_path, "--steps", "2", *flags, out="cut")
+    _, resumed, _ = run(tmp_path, "--steps", "5", *flags, "--resume", out="cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(full[2:], resumed[2:]):
+        for k in ("loss", "reward_mean", "lam", "lam_max", "tppl_mean", "tppl_target", "sigma_ref", "u_zeroed_frac"):
+            assert (a[k] is None and b[k] is None) or abs(a[k] - b[k]) < 1e-5, (a["step"], k, a[k], b[k])
+        assert a["gate_open"] == b["gate_open"]
+    assert full[-1]["tppl_target"] is not None
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [(["--recipe", "official", "--method", "revkl"], "--recipe official"), (["--recipe", "official", "--no-teacher"], "--no-teacher"),
+     (["--len-mask", "10"], "--len-mask"), (["--recipe", "official", "--len-mask", "-1"], "--len-mask")],
+)  # fmt: skip
+def test_official_recipe_bad_flags(tmp_path, argv, msg):
+    args = train.get_parser().parse_args(["--out", str(tmp_path / "bad"), "--steps", "1", *argv])
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert msg in str(e.value)
+
+
+def test_official_recipe_on_local_files(tmp_path):
+    """--recipe official with a local HF directory and a local jsonl (no lab): the path a real
+    model takes (a random model is never correct: every teacher prompt is feedback-only)."""
+    import model as model_lib
+
+    m, tok = model_lib.load("tiny")
+    model_lib.save(m, tok, str(tmp_path / "hf"))
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    _, steps, _ = run(tmp_path, "--model", str(tmp_path / "hf"), "--data", os.path.join(fixtures, "generic.jsonl"), "--steps", "2",
+                      "--eval-every", "0", "--max-new-tokens", "8", "--recipe", "official")  # fmt: skip
+    assert [r["step"] for r in steps] == [1, 2] and all(r["recipe"] == "official" for r in steps)
+    args = json.load(open(tmp_path / "run" / "args.json"))
+    assert args["max_solution_tokens"] == 3072 and args["len_mask"] == round(8 * 12000 / 16384)
