@@ -11,12 +11,15 @@ One step (SPEC section 1; every line below is a banner in the loop):
   3) A_seq      GRPO z-score within each group (antisd.group_advantages)
   4) context    teacher prompt per rollout: a correct OTHER rollout of the group (else the
                 reference) + "Your answer is (in)correct." (antisd.teacher_prompts)
-  5) scores     s_t = log pi(y_t|x,y_<t), t_t = log pi(y_t|x,c,y_<t) of the SAME response
-                tokens under no_grad, teacher entropy H_t; u = t - s (antisd.pmi)
+  5) scores     the teacher: t_t = log pi(y_t|x,c,y_<t) of the SAME response tokens under
+                no_grad and its entropy H_t, each distinct teacher prompt computed once
+                (scores_in_chunks -> model.shared_prefix_logprobs)
   6) gate       H = median teacher entropy of the step; lam = 0.5 * g (gate.EntropyGate)
-  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages)
-  8) update     clipped policy gradient, token-mean over the WHOLE step (micro-batches
-                share one token count), AdamW, grad-norm clip 1.0, KL 0
+  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages),
+                a function of whole rows that 8) applies to each micro-batch
+  8) update     per micro-batch: the student forward (with grad) gives s_t, u = t - s, A_{i,t};
+                clipped policy gradient, token-mean over the WHOLE step (micro-batches share
+                one token count), AdamW, grad-norm clip 1.0, KL 0 (accumulate_grads)
   9) log/save   metrics.jsonl, console line, sample dumps, atomic checkpoints
 
 --recipe official runs the authors' launcher instead of the paper's text (README "Which
@@ -24,10 +27,12 @@ AntiSD?"): 4) group-only peers cut at the final answer, 6) a per-response lambda
 teacher's perplexity (gate.PerplexityGate), 7) the token term on a clipped u, z-scored within
 each response (antisd.official_token_advantages).
 
-Strictly on-policy by default (one optimizer update per rollout batch): old_logp = s_t from
-step 5, so the PPO ratio is 1 at the update and the clip never binds; the clipped form is
-kept so forks can add more epochs. GRPO runs skip the teacher pass (its only extra cost)
-unless --log-teacher asks for the teacher's entropy anyway (the lab study plots it).
+Strictly on-policy (one optimizer update per rollout batch): old_logp = s_t = the update
+forward's own detached log-probs, so the PPO ratio is exactly 1 and the clip never binds, and
+the student runs once per step (the clipped form is kept so forks can add more epochs; they
+then need a student scoring pass before the first update: see accumulate_grads). So a GRPO
+step is rollouts + one forward/backward; AntiSD adds only the teacher pass, and GRPO runs
+that only when --log-teacher asks for the teacher's entropy and u (the lab study plots them).
 
 The lab (--model tiny, the default) adds a cached supervised warm start and held-out
 evaluation; see lab.py for how the lab maps onto the paper's setting. Other models train on
@@ -333,35 +338,95 @@ def next_problems(task: Task, state: dict, B: int) -> list[dict]:
     return out
 
 
-def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, *, rows, no_teacher, temperature, with_teacher):
-    """antisd.pmi (or the student score alone) over chunks of `rows` rollouts.
+def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, with_entropy=True):
+    """No-grad scores of the response tokens behind `prompts`, chunk by chunk (model.shared_prefix_logprobs).
 
-    Rows are scored in order of (longest prompt + response length), so each chunk holds rows
-    of similar length and little padding: every chunk is padded to its own longest prompt and
-    response. Each row's scores do not depend on which rows share its chunk (tested in
-    tests/test_model.py), only the padding work does.
-    Returns u, teacher entropy, student logp, each (N, T) fp32 (u and entropy are None
-    without the teacher pass).
+    The step's one scoring pass (section 5): the teacher's (prompts = teacher prompts), or the
+    student's for the no-teacher ablation (its entropy is the gate's statistic). Also the
+    extension point for a fork that reuses a rollout batch (see accumulate_grads): old_logp =
+    scores_in_chunks(model, student_prompts, ..., with_entropy=False)[0] before the first update.
+
+    Rows with the same prompt are put in the same chunk (whole groups of identical prompts, up
+    to `rows` rows; a bigger group is split), so each distinct prompt is computed once per
+    step; groups are ordered by prompt + response length, so a chunk holds rows of similar
+    length and little padding. A row's scores do not depend on its chunk (tested).
+    Returns logp (N, T), entropy (N, T) or None, and the work: prompt tokens computed
+    ("prompt_tokens") vs the per-row total ("prompt_tokens_rows").
     """
     N, T = responses.shape
-    out = {k: torch.zeros(N, T, device=responses.device) for k in ("u", "ent", "s")}
-    tps = teacher_prompts if (with_teacher and not no_teacher) else student_prompts
-    order = sorted(range(N), key=lambda i: (len(tps[i]) + int(lengths[i]), i))  # similar lengths together
-    for a in range(0, N, rows):
-        ids = order[a : a + rows]
+    lens = lengths.tolist()
+    groups: dict[tuple, list[int]] = {}  # identical prompts -> their rows
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    chunks, cur = [], []
+    for g in sorted(groups.values(), key=lambda g: (len(prompts[g[0]]), g[0])):
+        g = sorted(g, key=lambda j: (lens[j], j))
+        if cur and len(cur) + len(g) > rows:  # keep a group whole: start the next chunk
+            chunks.append(cur)
+            cur = []
+        while len(g) > rows:  # a group bigger than a chunk: split it
+            chunks.append(g[:rows])
+            g = g[rows:]
+        cur += g
+    chunks.append(cur)
+    logp = torch.zeros(N, T, device=responses.device)  # (N, T)
+    ent = torch.zeros(N, T, device=responses.device) if with_entropy else None  # (N, T)
+    work = {"prompt_tokens": 0, "prompt_tokens_rows": 0}
+    for ids in chunks:
         idx = torch.tensor(ids, device=responses.device)  # (n,) rows of this chunk
         Tm = int(lengths[idx].max())  # trim the chunk to its longest response
-        resp, lens = responses[idx, :Tm], lengths[idx]  # (n, Tm), (n,)
-        sp = [student_prompts[i] for i in ids]
-        if with_teacher:
-            tp = None if no_teacher else [teacher_prompts[i] for i in ids]
-            u, ent, s, _ = antisd.pmi(model, sp, tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
-            out["u"][idx, :Tm], out["ent"][idx, :Tm] = u, ent
-        else:
-            with torch.no_grad():
-                s, _ = model_lib.response_logprobs(model, sp, resp, lens, temperature=temperature)
-        out["s"][idx, :Tm] = s
-    return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
+        lp, e, w = model_lib.shared_prefix_logprobs(model, [prompts[i] for i in ids], responses[idx, :Tm], lengths[idx], temperature=temperature, with_entropy=with_entropy)
+        logp[idx, :Tm] = lp
+        if with_entropy:
+            ent[idx, :Tm] = e
+        work = {k: work[k] + w[k] for k in work}
+    return logp, ent, work
+
+
+def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None):
+    """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
+    gradients accumulate in .grad (the caller clips and steps).
+
+    batches: the micro-batches, each a LongTensor of row indices (or a slice of rows).
+    Per micro-batch (rows `idx`, padded to its longest response Tm):
+        logp  = log pi(y_t | x, y_<t)            (n, Tm) the student forward, with grad
+        s     = logp.detach()                    s_t = old_logp (strictly on-policy)
+        u     = t - s                            antisd.pmi_from_logprobs (None without a teacher pass)
+        A     = token_adv(idx, u, mask)          section 7's function of whole rows
+        loss  = antisd.policy_loss(logp, s, A, mask, num_tokens)   token-mean over the WHOLE step
+    One optimizer update per rollout batch (what train.py does) makes old_logp the update
+    forward's own detached logp: the PPO ratio is exactly 1, so there is no separate student
+    scoring pass (GRPO has no scoring pass at all, AntiSD only the teacher's).
+    EXTENSION POINT for a fork that reuses a batch (PPO epochs, several mini-batches per
+    rollout batch): old_logp must then be fixed before the first update, e.g.
+    old_logp, _, _ = scores_in_chunks(model, student_prompts, responses, lengths, ..., with_entropy=False),
+    and passed here at every update; s (hence u) is then that old_logp, the sampling policy's.
+    teacher_logp: (N, T) t_t from section 5 (zeros for the no-teacher ablation), or None.
+    Returns (the loss summed over micro-batches, s (N, T), u (N, T) or None).
+    """
+    N, T = responses.shape
+    s_all = torch.zeros(N, T, device=responses.device)  # (N, T)
+    u_all = None if teacher_logp is None else torch.zeros(N, T, device=responses.device)  # (N, T)
+    loss_sum = 0.0
+    for idx in batches:
+        if isinstance(idx, slice):
+            idx = torch.arange(N, device=responses.device)[idx]
+        idx = idx.to(responses.device)  # (n,) rows
+        Tm = int(lengths[idx].max())
+        lens = lengths[idx]  # (n,)
+        m = antisd.mask_from_lengths(lens, Tm)  # (n, Tm)
+        prompts = [student_prompts[i] for i in idx.tolist()]
+        logp, _ = model_lib.response_logprobs(model, prompts, responses[idx, :Tm], lens, temperature=temperature)  # (n, Tm)
+        s = logp.detach() if old_logp is None else old_logp[idx, :Tm]  # (n, Tm)
+        u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
+        adv = token_adv(idx, u, m)  # (n, Tm)
+        loss = antisd.policy_loss(logp, s, adv, m, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens)
+        dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
+        loss_sum += loss.item()
+        s_all[idx, :Tm] = s
+        if u is not None:
+            u_all[idx, :Tm] = u
+    return loss_sum, s_all, u_all
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
@@ -590,7 +655,7 @@ def main(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None if D.is_main else True)
     step = start
     for step in range(start + 1, args.steps + 1):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()  # wall and this process's CPU time (the CPU one ignores other jobs' load)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model.eval()  # no dropout in sampling or scoring; the tiny/Qwen3 models have none anyway
@@ -630,16 +695,21 @@ def main(args: argparse.Namespace) -> dict:
                 recipe=args.recipe, answers=[p["answer"] for p in problems], answer_match=task.answer_match,
             )  # fmt: skip
 
-        # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
-        with dist_lib.unsharded(model):
-            u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
-                                                  no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
+        # --- 5) scores: the teacher's t_t of the SAME response tokens and its entropy H_t (the gate's),
+        #        no_grad, each distinct teacher prompt once; s_t comes from the update's own forward (8) ---
+        t_logp, t_ent, work = None, None, None  # (N, T) each
+        if use_teacher:
+            with dist_lib.unsharded(model):  # no-teacher ablation: the student's pass (its entropy), t := 0
+                t_logp, t_ent, work = scores_in_chunks(model, student_prompts if args.no_teacher else teacher_prompts, responses, lengths,
+                                                       rows=args.micro_batch, temperature=args.temperature)  # fmt: skip
+            if args.no_teacher:
+                t_logp = torch.zeros_like(t_logp)  # u = -s
         t_score = time.time() - t1
 
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
         lam_rows = None
         if args.recipe == "official" and args.method != "grpo":  # lambda per response from the teacher's perplexity
-            tppl = antisd.teacher_perplexity(u + old_logp, mask)  # (N,) t = u + s (pmi's u = t - s)
+            tppl = antisd.teacher_perplexity(t_logp, mask)  # (N,) from the teacher pass (section 5)
             gate.update(D.gather(tppl))  # the step's statistic: every rank's rows
             lam_rows = gate.lam_rows(tppl).float()  # (N,) this rank's rows
             h, lam = float("nan"), float(D.gather(lam_rows).mean())
@@ -650,34 +720,33 @@ def main(args: argparse.Namespace) -> dict:
         else:
             h, lam = float("nan"), 0.0
 
-        # --- 7) per-token advantages ---
-        if args.recipe == "official":  # per whole row: any micro-batch of rows with lam_rows[idx] gives its rows' values
-            adv, zeroed = antisd.official_token_advantages(seq_adv, u, mask, method=args.method, lam=lam_rows, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)  # (N, T)
-            # warm-up (lambda = 0): sigma_ref of the u-clip, torch.std over the step's valid tokens (formed per
-            # micro-batch, accumulate n, sum u, sum u^2 in fp64 and record once per step)
-            if args.method != "grpo" and gate.needs_u_std:
-                uv = D.gather(u[mask])  # (M,) the step's valid tokens
-                gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
-        else:
-            adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
+        # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
+        #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
+        zeroed_n = [0]  # official recipe: u tokens zeroed by the u-clip, summed over the micro-batches
+
+        def token_adv(idx, u, m):  # rows idx (n,) LongTensor, u and m (n, Tm) -> A_{i,t} (n, Tm)
+            if args.recipe == "official":  # per whole row: lam_rows[idx] gives these rows' values
+                lam_i = None if lam_rows is None else lam_rows[idx]  # (n,)
+                a, z = antisd.official_token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam_i, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)
+                zeroed_n[0] += int(z.sum())
+                return a
+            return antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
         model.train()
         num_tokens = D.sum(int(lengths.sum()))
-        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens; FSDP:
-        # the same number on every rank (each forward/backward all-gathers every layer)
-        batches = memory.micro_batches([len(p) for p in student_prompts], lengths.tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
-        batches = memory.split_to(batches, D.max(len(batches)))
+        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens, over the
+        # rows in order of length (each micro-batch is padded to its longest row: a search response
+        # next to a one-line answer would be mostly padding); FSDP: the same number on every rank
+        # (each forward/backward all-gathers every layer)
+        order = sorted(range(N), key=lambda i: (len(student_prompts[i]) + int(lengths[i]), i))  # N rows
+        batches = memory.micro_batches([len(student_prompts[i]) for i in order], lengths[order].tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
+        order = torch.tensor(order, device=device)  # (N,) position in the sorted order -> row
+        batches = [order[b] for b in memory.split_to(batches, D.max(len(batches)))]  # row indices of each micro-batch
         opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for idx in batches:
-            Tm = int(lengths[idx].max())
-            logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
-            loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
-                                      clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
-            dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
-            loss_sum += loss.item()
+        loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
+                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
         dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
         grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
@@ -689,6 +758,11 @@ def main(args: argparse.Namespace) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)  # free the gradients before the next rollouts (memory.py counts on it)
         t_update = time.time() - t2
+        if args.recipe == "official" and args.method != "grpo" and gate.needs_u_std:
+            # warm-up (lambda = 0): sigma_ref of the u-clip, the std over the step's valid tokens of the
+            # u formed in the update (recorded after it: this step's advantages did not use it)
+            uv = D.gather(u[mask])  # (M,) the step's valid tokens
+            gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
 
         # --- 9) log ---
         dt = time.time() - t0
@@ -698,7 +772,7 @@ def main(args: argparse.Namespace) -> dict:
             lam_all, tppl_all = D.gather(lam_rows), D.gather(tppl)  # (N_all,) each
             long_rows = D.gather(lengths >= args.len_mask) if args.len_mask else torch.zeros(0, dtype=torch.bool)
             off = {"lam_std": float(lam_all.std()) if lam_all.numel() > 1 else 0.0, "lam_max": float(lam_all.max()),
-                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(int(zeroed.sum())) / num_tokens,
+                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(zeroed_n[0]) / num_tokens,
                    "sigma_ref": gate.sigma_ref, "tppl_mean": float(tppl_all.mean()), "tppl_target": gate.target,
                    "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
                    "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
@@ -708,7 +782,7 @@ def main(args: argparse.Namespace) -> dict:
             mask = antisd.mask_from_lengths(lengths, old_logp.shape[1])
         valid_u = u[mask] if u is not None else torch.zeros(0)
         rec = {
-            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt,
+            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt, "step_cpu_time": time.process_time() - c0,
             "frac_zero_var": float((rewards.view(-1, G).std(-1) == 0).float().mean()),
             "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~finished).float().mean()),
             # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
@@ -725,6 +799,9 @@ def main(args: argparse.Namespace) -> dict:
             "phi_mean": float(antisd.phi(valid_u).mean()) if valid_u.numel() else None,
             "grad_norm": grad_norm, "skipped": skipped, "tokens_per_s": num_tokens / dt,
             "t_sample": t_sample, "t_score": t_score, "t_update": t_update,
+            # teacher prompt tokens computed (each distinct prompt once) vs scoring every row's own
+            "teacher_prompt_tokens": D.sum(work["prompt_tokens"]) if work else None,
+            "teacher_prompt_tokens_rows": D.sum(work["prompt_tokens_rows"]) if work else None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }  # fmt: skip
         if task.lab:
