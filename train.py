@@ -710,7 +710,7 @@ def main(args: argparse.Namespace) -> dict:
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
         lam_rows = None
         if args.recipe == "official" and args.method != "grpo":  # lambda per response from the teacher's perplexity
-            tppl = antisd.teacher_perplexity(t_logp, mask)  # (N,) from the teacher's scores (5)
+            tppl = antisd.teacher_perplexity(t_logp, mask)  # (N,) from the teacher pass (section 5)
             gate.update(D.gather(tppl))  # the step's statistic: every rank's rows
             lam_rows = gate.lam_rows(tppl).float()  # (N,) this rank's rows
             h, lam = float("nan"), float(D.gather(lam_rows).mean())
@@ -723,14 +723,14 @@ def main(args: argparse.Namespace) -> dict:
 
         # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
         #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
-        counts = {"zeroed": 0}  # the official u-clip's zeroed tokens (logged)
+        zeroed_n = [0]  # official recipe: u tokens zeroed by the u-clip, summed over the micro-batches
 
         def token_adv(idx, u, m):  # rows idx (n,) LongTensor, u and m (n, Tm) -> A_{i,t} (n, Tm)
             if args.recipe == "official":  # per whole row: lam_rows[idx] gives these rows' values
-                adv, zeroed = antisd.official_token_advantages(seq_adv[idx], u, m, method=args.method, lam=None if lam_rows is None else lam_rows[idx],
-                                                               sigma_ref=gate.sigma_ref, len_mask=args.len_mask)  # fmt: skip
-                counts["zeroed"] += int(zeroed.sum())
-                return adv
+                lam_i = None if lam_rows is None else lam_rows[idx]  # (n,)
+                a, z = antisd.official_token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam_i, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)
+                zeroed_n[0] += int(z.sum())
+                return a
             return antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
@@ -748,11 +748,6 @@ def main(args: argparse.Namespace) -> dict:
         opt.zero_grad(set_to_none=True)
         loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
                                                  clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
-        if args.recipe == "official" and args.method != "grpo" and gate.needs_u_std:
-            # warm-up (lambda = 0): sigma_ref of the official u-clip, torch.std over the step's valid
-            # tokens of u (formed in the micro-batches above; sigma_ref is first used after the warm-up)
-            uv = D.gather(u[mask])  # (M,)
-            gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
         dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
         grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
@@ -764,6 +759,11 @@ def main(args: argparse.Namespace) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)  # free the gradients before the next rollouts (memory.py counts on it)
         t_update = time.time() - t2
+        if args.recipe == "official" and args.method != "grpo" and gate.needs_u_std:
+            # warm-up (lambda = 0): sigma_ref of the u-clip, the std over the step's valid tokens of the
+            # u formed in the update (recorded after it: this step's advantages did not use it)
+            uv = D.gather(u[mask])  # (M,) the step's valid tokens
+            gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
 
         # --- 9) log ---
         dt = time.time() - t0
@@ -773,7 +773,7 @@ def main(args: argparse.Namespace) -> dict:
             lam_all, tppl_all = D.gather(lam_rows), D.gather(tppl)  # (N_all,) each
             long_rows = D.gather(lengths >= args.len_mask) if args.len_mask else torch.zeros(0, dtype=torch.bool)
             off = {"lam_std": float(lam_all.std()) if lam_all.numel() > 1 else 0.0, "lam_max": float(lam_all.max()),
-                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(counts["zeroed"]) / num_tokens,
+                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(zeroed_n[0]) / num_tokens,
                    "sigma_ref": gate.sigma_ref, "tppl_mean": float(tppl_all.mean()), "tppl_target": gate.target,
                    "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
                    "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
