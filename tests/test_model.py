@@ -323,3 +323,17 @@ def test_length_buckets_trade_padding_for_calls():
     assert model_lib._length_buckets(lens, call_tokens=64, min_len=2) == [[1, 4, 6], [2, 0, 7]]
     assert model_lib._length_buckets(lens, call_tokens=256, min_len=2) == [[1, 4, 6, 2, 0, 7]]  # 760: one call
     assert model_lib._length_buckets([], call_tokens=1) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU path: bf16, sdpa's CUDA kernels, call_tokens 4096)")
+def test_shared_prefix_on_cuda_bf16():
+    model, _ = model_lib.load("tiny", device="cuda", dtype=torch.bfloat16, seed=0)
+    prompts = [LONG[j] for j in SHARED_ROWS]
+    resp = torch.randint(0, 560, (len(prompts), T), generator=torch.Generator().manual_seed(3)).cuda()
+    lengths = SHARED_LENGTHS.cuda()
+    with torch.no_grad():
+        ref, ref_ent = response_logprobs(model, prompts, resp, lengths, with_entropy=True)
+    logp, ent, _ = model_lib.shared_prefix_logprobs(model, prompts, resp, lengths, with_entropy=True)
+    assert logp.dtype == torch.float32 and logp.device.type == "cuda"
+    torch.testing.assert_close(logp, ref, atol=5e-2, rtol=0)  # bf16 activations: rounding, not a shift
+    torch.testing.assert_close(ent, ref_ent, atol=5e-2, rtol=0)
