@@ -348,8 +348,9 @@ def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, w
 
     Rows with the same prompt are put in the same chunk (whole groups of identical prompts, up
     to `rows` rows; a bigger group is split), so each distinct prompt is computed once per
-    step; groups are ordered by prompt + response length, so a chunk holds rows of similar
-    length and little padding. A row's scores do not depend on its chunk (tested).
+    step; groups are ordered by prompt length, so a chunk's prompts are of similar length
+    (inside a chunk, shared_prefix_logprobs buckets prompts and responses by length). A row's
+    scores do not depend on its chunk (tested).
     Returns logp (N, T), entropy (N, T) or None, and the work: prompt tokens computed
     ("prompt_tokens") vs the per-row total ("prompt_tokens_rows").
     """
