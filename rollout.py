@@ -44,6 +44,7 @@ Shapes: B prompts, n samples each, N = B * n rows, A live rows (A <= N), P promp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -164,7 +165,26 @@ def _fast_path_ok(model) -> bool:
     return all(lt == "full_attention" for lt in layer_types) and cfg._attn_implementation in ("sdpa", "eager")
 
 
+def _in_eval_mode(fn):
+    """Run fn(model, ...) with the model in eval mode, then restore its mode. NOTE: transformers
+    <= 5.22's GradientCheckpointingLayer drops the KV cache whenever the model is in train mode
+    with gradient checkpointing on (decoding then runs without a cache: wrong tokens), and
+    train.py's periodic evaluation follows an update; sampling is never a training forward."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapped
+
+
 @torch.no_grad()
+@_in_eval_mode
 def sample(
     model,
     prompts: list[list[int]],
