@@ -281,7 +281,7 @@ def quantile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.float(), q)) if x.numel() else float("nan")
 
 
-def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> str:
+def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick=None) -> str:
     """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename. Every rank calls it
     (TP / FSDP: the model is gathered to rank 0, which writes it; each rank writes its optimizer
     shards to optimizer/); rank 0 writes the rest."""
@@ -293,13 +293,14 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> s
     dist_lib.save_model(model, tokenizer, tmp, D)
     opt_state = dist_lib.save_optimizer(opt, tmp, D)  # the state dict in one process, None when sharded on disk
     samplers = D.gather_object(gen.get_state())  # FSDP: every data-parallel rank's own sampling stream
+    pickers = D.gather_object(pick.get_state()) if pick is not None else None  # ... and its own teacher-context choices
     if D.is_main:
         trainer_state = {
             "step": step,
             "optimizer": opt_state,
             "gate": gate.state_dict(),
             "data": dict(state),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(), "samplers": samplers,
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(), "samplers": samplers, "teacher_pickers": pickers,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "args": vars(args),
         }  # fmt: skip
@@ -379,6 +380,9 @@ def main(args: argparse.Namespace) -> dict:
         gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
     # rollouts + teacher-context choice; FSDP: each data-parallel rank its own stream, TP: the same on every rank
     gen = torch.Generator(device=device).manual_seed(args.seed + D.dp_rank)
+    # host-side choices (which correct peer goes into a teacher prompt) from a CPU generator of their
+    # own: a CUDA generator cannot draw CPU numbers (issue 10), and the sampler's stream stays untouched
+    pick = torch.Generator().manual_seed(args.seed + D.dp_rank + (1 << 32))
     state = {"cursor": 0, "data_seed": args.seed}
     random.seed(args.seed)
     start = 0
@@ -393,6 +397,8 @@ def main(args: argparse.Namespace) -> dict:
         if len(samplers) != D.dp_size:
             raise SystemExit(f"train.py: --resume: the checkpoint has {len(samplers)} data-parallel sampling streams, this run {D.dp_size}")
         gen.set_state(samplers[D.dp_rank])
+        if ts["rng"].get("teacher_pickers") is not None:  # (checkpoints before issue 10 drew them from the sampler's stream)
+            pick.set_state(ts["rng"]["teacher_pickers"][D.dp_rank])
         if ts["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         start = ts["step"]
@@ -477,7 +483,7 @@ def main(args: argparse.Namespace) -> dict:
             teacher_prompts = antisd.teacher_prompts(
                 tokenizer, [task.user_text(p) for p in problems], responses, lengths, rewards, G,
                 references=[task.reference(p) for p in problems], max_solution_tokens=args.max_solution_tokens,
-                enable_thinking=task.template_kw.get("enable_thinking"), generator=gen,
+                enable_thinking=task.template_kw.get("enable_thinking"), generator=pick,
                 recipe=args.recipe, answers=[p["answer"] for p in problems], answer_match=task.answer_match,
             )  # fmt: skip
 
@@ -606,7 +612,7 @@ def main(args: argparse.Namespace) -> dict:
             tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         stop["now"] = D.any(stop["now"])  # every rank stops at the same step
         if step % args.save_every == 0 or stop["now"]:
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick)
         if stop["now"]:
             print(f"interrupted: saved checkpoint-{step}; continue with --resume --out {args.out}")
             break
@@ -620,7 +626,7 @@ def main(args: argparse.Namespace) -> dict:
             summary["eval_after"] = ev["eval_acc"]
             print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if step > start:
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick)
     metrics_f.close()
     samples_f.close()
     dist_lib.teardown(D)

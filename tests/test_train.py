@@ -210,3 +210,56 @@ def test_official_recipe_on_local_files(tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and all(r["recipe"] == "official" for r in steps)
     args = json.load(open(tmp_path / "run" / "args.json"))
     assert args["max_solution_tokens"] == 3072 and args["len_mask"] == round(8 * 12000 / 16384)
+
+
+def _bench_gpu():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_peer_choice_draws_on_a_cpu_generator_of_its_own_and_resumes_exactly(tmp_path, monkeypatch):
+    """Issue 10 item 1: the teacher-context choice once drew CPU numbers from the sampler's
+    generator, which on CUDA raises ("Expected a 'cpu' device type for generator") at the first
+    correct rollout. Every random draw with a generator must land on the generator's device; the
+    peer choice must come from a CPU generator that is not the sampler's, saved in the checkpoint
+    (the resumed step sees the same teacher prompts)."""
+    import antisd
+
+    seen = {"teacher": [], "sampler": [], "draws": 0}
+    real_tp, real_sample, real_randint = antisd.teacher_prompts, train.sample, torch.randint
+
+    def tp(*a, generator=None, **k):
+        seen["teacher"].append(generator)
+        return real_tp(*a, generator=generator, **k)
+
+    def sample(*a, generator=None, **k):
+        seen["sampler"].append(generator)
+        return real_sample(*a, generator=generator, **k)
+
+    def randint(*a, generator=None, **k):
+        out = real_randint(*a, generator=generator, **k)
+        if generator is not None:
+            assert out.device == generator.device, f"a draw on {out.device} from a generator on {generator.device}"
+            seen["draws"] += 1
+        return out
+
+    monkeypatch.setattr(antisd, "teacher_prompts", tp)
+    monkeypatch.setattr(train, "sample", sample)
+    monkeypatch.setattr(torch, "randint", randint)
+    with _bench_gpu().one_correct_per_group():  # every group has one correct peer: the choice runs
+        _, full, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--save-every", "100", out="full")
+        run(tmp_path, "--steps", "2", "--eval-every", "0", "--save-every", "100", out="cut")
+        _, resumed, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--save-every", "100", "--resume", out="cut")
+    assert seen["draws"] >= 3 * 2 * 3  # per step and group, rows 1-3 choose among their one peer (row 0 gets the reference)
+    assert all(g is not None and g.device.type == "cpu" for g in seen["teacher"])
+    assert not {id(g) for g in seen["teacher"]} & {id(g) for g in seen["sampler"]}  # never the sampler's stream
+    assert all(r["reward_mean"] == 0.25 for r in full)  # 1 of each group of 4 correct
+    ts = torch.load(tmp_path / "cut" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert ts["rng"]["teacher_pickers"] is not None
+    a, b = full[2], resumed[2]
+    assert a["step"] == b["step"] == 3
+    assert abs(a["u_mean"] - b["u_mean"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5  # same teacher prompts after resume

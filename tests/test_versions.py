@@ -14,7 +14,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.match(r"[0-9]+(?:\.[0-9]+)*", v).group(0).split("."))
+    """"5.17" and "5.17.0" -> (5, 17); "5.24.0.dev0" -> (5, 24)."""
+    parts = [int(x) for x in re.match(r"[0-9]+(?:\.[0-9]+)*", v).group(0).split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
 
 
 def transformers_range() -> tuple[str, str]:
