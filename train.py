@@ -344,6 +344,7 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    memory.configure_cuda_allocator()  # expandable segments, before the first CUDA allocation
     args = resolve_args(args)
     os.makedirs(args.out, exist_ok=True)
 
@@ -536,8 +537,8 @@ def main(args: argparse.Namespace) -> dict:
             dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
             loss_sum += loss.item()
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
-        dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
-        grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
+        dist_lib.sync_replicated_grads(model, D, opt)  # FSDP: sum the grads of the unsharded embedding / head
+        grad_norm = dist_lib.clip_grads_(opt.grads(), args.grad_clip)  # the fp32 sums (memory.AdamW), DTensor-aware (TP, FSDP)
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_sum))
         if skipped:  # never let a NaN/inf reach the weights (or a checkpoint)
             opt.zero_grad(set_to_none=True)
