@@ -60,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 import antisd
+import data as data_lib
 import dist as dist_lib
 import gate as gate_lib
 import memory
@@ -76,7 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="tiny", help='"tiny" (the CPU lab), a hub id, a local HF directory, or "random:<hub id>"')
     g.add_argument("--data", default=None, help='training problems: a data.py spec ("dapo", hub id, local .jsonl/.parquet with problem/answer); default: the lab task for tiny, "dapo" otherwise')
-    g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (thinking models); default: the template's own default")
+    g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (Qwen3 thinking models); default false: the paper ran Qwen3-8B / 30B-A3B non-thinking, as the authors' launcher does (enable_thinking: false); the lab: its template's own default (no thinking mode)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype; default fp32 on CPU, bf16 on GPU")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; default cuda if available")
     g.add_argument("--init-from", default=None, help="start a NEW run from this checkpoint dir (weights only; fresh optimizer, gate re-warmed): continual AntiSD from a GRPO checkpoint")
@@ -141,6 +142,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.len_mask = round(antisd.LEN_MASK_FRACTION * args.max_new_tokens) if args.recipe == "official" else 0
     if args.gate is None:
         args.gate = "none" if args.method == "sd" else "median"
+    if args.enable_thinking is None and not lab:
+        args.enable_thinking = "false"  # the paper's setting (issue 10); the templates' own default turns Qwen3's thinking on
     if args.grad_ckpt == "auto":
         args.grad_ckpt = "off" if lab else "on"
     if args.data is None:
@@ -436,10 +439,11 @@ def main(args: argparse.Namespace) -> dict:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
 
     use_teacher = args.method != "grpo" or args.log_teacher
-    eos = [tokenizer.eos_token_id]
+    eos = model_lib.stop_token_ids(model, tokenizer)  # the tokenizer's EOS and the generation config's (eval.py's too)
     par = {"single": "", "tp": f" | tensor parallel {D.world}", "fsdp": f" | FSDP over {D.world} ranks, B {B} each"}[D.mode]
     how = f"lam {args.lam} gate {args.gate} tau {args.tau}" if args.recipe == "paper" else f"recipe official (per-response lambda, len-mask {args.len_mask})"
-    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
+    think = "template default" if args.enable_thinking is None else args.enable_thinking
+    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | thinking {think} | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
         ev = evaluate(args, task, model, tokenizer, 0, benches)
@@ -469,7 +473,7 @@ def main(args: argparse.Namespace) -> dict:
         t_sample = time.time() - t0
 
         # --- 2) rewards: graded answers; truncated (no EOS) = 0 ---
-        texts = tokenizer.batch_decode(roll.to_lists(), skip_special_tokens=True)
+        texts = data_lib.graded_texts(tokenizer, responses, lengths, roll.finished, [data_lib.think_prefix(tokenizer, prompts[i // G]) for i in range(N)])  # as eval.py grades
         graded = task.grade(texts, [problems[i // G]["answer"] for i in range(N)])
         rewards = torch.tensor(graded, device=device) * roll.finished.float()  # (N,)
 
@@ -494,6 +498,7 @@ def main(args: argparse.Namespace) -> dict:
                                                   no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
         t_score = time.time() - t1
 
+        was_warming = gate.warming_up  # (the console's 'warm'; the record logs the state THIS step used, gate.open_this_step)
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
         lam_rows = None
         if args.recipe == "official" and args.method != "grpo":  # lambda per response from the teacher's perplexity
@@ -574,7 +579,7 @@ def main(args: argparse.Namespace) -> dict:
             "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
             "teacher_entropy_mean": gate_lib.gate_statistic(t_ent, mask, "mean") if use_teacher else None,
             "gate_stat": h if use_teacher else None, "gate_kind": gate.kind,
-            "gate_open": bool(gate.open) if use_teacher and args.method != "grpo" else None, "lam": lam, "recipe": args.recipe,
+            "gate_open": bool(gate.open_this_step) if use_teacher and args.method != "grpo" else None, "lam": lam, "recipe": args.recipe,
             **{k: off.get(k) for k in ("lam_std", "lam_max", "lam_pos_frac", "u_zeroed_frac", "sigma_ref", "tppl_mean", "tppl_target", "tppl_masked_frac", "len_masked_frac")},
             "u_mean": float(valid_u.mean()) if valid_u.numel() else None,
             "u_frac_neg": float((valid_u < 0).float().mean()) if valid_u.numel() else None,
@@ -590,7 +595,7 @@ def main(args: argparse.Namespace) -> dict:
 
             rec["frac_search"] = D.sum(sum(lab.classify(t) == "search" for t in texts)) / len(rewards)
         log(rec)
-        gate_word = "   -" if rec["gate_open"] is None else "warm" if gate.warming_up else "open" if rec["gate_open"] else "shut"
+        gate_word = "   -" if rec["gate_open"] is None else "open" if rec["gate_open"] else "warm" if was_warming else "shut"
         f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
         tqdm.write(
             f"{step:4d} | {f(rec['loss'], 8, 4)} | {f(rec['reward_mean'], 6)} | {f(rec['resp_len_mean'], 5, 1)} | {f(rec['truncated_frac'], 5, 2)} | "

@@ -69,6 +69,7 @@ def test_every_method_and_gate_mode_runs_a_step(tmp_path, extra):
         assert r["lam"] == 0.5 and r["gate_open"]  # always open: no warmup
     else:
         assert steps[0]["lam"] == 0.0  # warmup step (--warmup-steps 1)
+        assert steps[0]["gate_open"] is False  # the state the step used (issue 10: the step ending the warm-up said open)
 
 
 def test_resume_continues_exactly(tmp_path):
