@@ -264,3 +264,55 @@ def test_peer_choice_draws_on_a_cpu_generator_of_its_own_and_resumes_exactly(tmp
     a, b = full[2], resumed[2]
     assert a["step"] == b["step"] == 3
     assert abs(a["u_mean"] - b["u_mean"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5  # same teacher prompts after resume
+
+
+def test_training_and_eval_stop_on_the_same_ids_and_grade_the_same_text(tmp_path, monkeypatch):
+    """Issue 10 item 5: training stopped on the tokenizer's EOS alone (Qwen3's generation config
+    also lists <|endoftext|>) and graded text decoded without special tokens or the prompt's open
+    <think>; eval.py did both. Now one function decides each (model.stop_token_ids,
+    data.graded_texts): the same stop ids reach both samplers and both graders see the prefix."""
+    import grading
+    import model as model_lib
+    import rollout
+
+    m, tok = model_lib.load("tiny")
+    m.generation_config.eos_token_id = [tok.eos_token_id, tok.pad_token_id]  # two end ids, as Qwen3's config
+    tok.chat_template = model_lib.CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")  # opens a think block
+    model_lib.save(m, tok, str(tmp_path / "hf"))
+    seen = {"train": [], "eval": [], "train_text": [], "eval_text": []}
+    real_sample, real_rsample, real_grade, real_many = train.sample, rollout.sample, train.Task.grade, grading.grade_many
+
+    def spy(key, fn):
+        def wrapped(*a, eos_token_ids, **k):
+            seen[key].append(sorted(eos_token_ids))
+            return fn(*a, eos_token_ids=eos_token_ids, **k)
+
+        return wrapped
+
+    def grade(self, texts, answers):
+        seen["train_text"] += texts
+        return real_grade(self, texts, answers)
+
+    def grade_many(responses, answers, **k):
+        seen["eval_text"] += responses
+        return real_many(responses, answers, **k)
+
+    monkeypatch.setattr(train, "sample", spy("train", real_sample))
+    monkeypatch.setattr(rollout, "sample", spy("eval", real_rsample))
+    monkeypatch.setattr(train.Task, "grade", grade)
+    monkeypatch.setattr(grading, "grade_many", grade_many)
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    run(tmp_path, "--model", str(tmp_path / "hf"), "--data", os.path.join(fixtures, "generic.jsonl"), "--steps", "1", "--eval-every", "1",
+        "--eval-bench", os.path.join(fixtures, "tiny_eval.jsonl"), "--max-new-tokens", "8", "--enable-thinking", "true")  # fmt: skip
+    want = sorted({tok.eos_token_id, tok.pad_token_id})
+    assert seen["train"] and seen["eval"] and all(e == want for e in seen["train"] + seen["eval"])
+    assert seen["train_text"] and seen["eval_text"]
+    assert all(t.startswith("<think>") for t in seen["train_text"] + seen["eval_text"])  # the prompt's open think block
+
+
+def test_real_models_default_to_the_papers_non_thinking_mode():
+    """Issue 10 item 6: the paper (and the authors' launcher) ran Qwen3 non-thinking; the lab keeps its template's default."""
+    resolve = lambda *a: train.resolve_args(train.get_parser().parse_args(["--out", "x", *a]))  # noqa: E731
+    assert resolve("--model", "Qwen/Qwen3-8B").enable_thinking == "false"
+    assert resolve("--model", "Qwen/Qwen3-8B", "--enable-thinking", "true").enable_thinking == "true"
+    assert resolve().enable_thinking is None  # the lab
