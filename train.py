@@ -391,10 +391,12 @@ def main(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     start = 0
     if resume_from:
-        ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        dist_lib.load_optimizer(opt, resume_from, ts["optimizer"], D)  # TP / FSDP: the sharded optimizer/ dir
+        # on the host, paged in from disk as it is copied into the live states (issue 10: a plain load put a
+        # second copy of the 45 GiB of AdamW states on the GPU of a 4B run); freed below
+        ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+        dist_lib.load_optimizer(opt, resume_from, ts["optimizer"], D)  # copied into opt's own tensors; TP / FSDP: the sharded optimizer/ dir
         gate.load_state_dict(ts["gate"])
-        state = ts["data"]
+        state = dict(ts["data"])
         random.setstate(ts["rng"]["python"])
         torch.set_rng_state(ts["rng"]["torch"])
         samplers = ts["rng"].get("samplers") or [ts["rng"]["sampler"]]
@@ -406,6 +408,7 @@ def main(args: argparse.Namespace) -> dict:
         if ts["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         start = ts["step"]
+        del ts, samplers  # nothing of the checkpoint stays referenced
         print(f"resumed from {resume_from} at step {start}")
 
     # --- the memory plan (memory.py): printed; on a GPU it sets the micro-batch and sampling budgets ---

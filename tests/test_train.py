@@ -316,3 +316,54 @@ def test_real_models_default_to_the_papers_non_thinking_mode():
     assert resolve("--model", "Qwen/Qwen3-8B").enable_thinking == "false"
     assert resolve("--model", "Qwen/Qwen3-8B", "--enable-thinking", "true").enable_thinking == "true"
     assert resolve().enable_thinking is None  # the lab
+
+
+def test_resume_loads_the_checkpoint_on_the_host_and_keeps_nothing_of_it(tmp_path, monkeypatch):
+    """Issue 10 item 8: --resume put the checkpoint's AdamW states on the GPU beside the live ones
+    (torch.load without map_location) and kept them referenced. The load must be on the CPU
+    (mmap'd), the resumed optimizer state must live in the optimizer's own tensors on the
+    parameters' device, and no tensor of the loaded checkpoint may survive the resume."""
+    import gc
+    import weakref
+
+    import memory
+
+    run(tmp_path, "--steps", "1", "--eval-every", "0")
+    loaded, opts, checked = [], [], []
+    real_load, real_lsd, real_plan = torch.load, memory.AdamW.load_state_dict, memory.plan
+
+    def load(path, *a, **k):
+        obj = real_load(path, *a, **k)
+        if str(path).endswith("trainer_state.pt"):
+            assert k.get("map_location") == "cpu" and k.get("mmap") is True, k
+            stack = [obj]
+            while stack:  # every tensor of the checkpoint, weakly
+                x = stack.pop()
+                if isinstance(x, torch.Tensor):
+                    assert x.device.type == "cpu"
+                    loaded.append(weakref.ref(x))
+                elif isinstance(x, dict):
+                    stack += list(x.values())
+                elif isinstance(x, (list, tuple)):
+                    stack += list(x)
+        return obj
+
+    def load_state_dict(self, sd):
+        opts.append(self)
+        return real_lsd(self, sd)
+
+    def plan(*a, **k):  # runs right after the resume block
+        gc.collect()
+        checked.append(sum(r() is not None for r in loaded))
+        opt = opts[0]
+        for name, s in opt.state.items():
+            p = opt.params[name]
+            assert all(t.device == p.device for t in s.values())
+        return real_plan(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(memory.AdamW, "load_state_dict", load_state_dict)
+    monkeypatch.setattr(memory, "plan", plan)
+    _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--resume")
+    assert len(loaded) > 10 and opts and checked == [0], (len(loaded), checked)  # every loaded tensor freed
+    assert steps[-1]["step"] == 2
