@@ -160,6 +160,17 @@ class Dist:
         """True on every rank if it is True on any rank (e.g. Ctrl-C reached only some of them)."""
         return bool(self.max(int(flag)))
 
+    def from_main(self, fn):
+        """TP: fn() run on rank 0 alone, its (picklable) result handed to every rank (one broadcast);
+        otherwise fn() here. For host-side work that must agree across TP ranks and may not be
+        deterministic: grading runs under a wall-clock timeout, and one rank timing out where
+        another did not gave different rewards and silently different updates (issue 10)."""
+        if self.mode != "tp":
+            return fn()
+        box = [fn() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def check_same(self, t: torch.Tensor, what: str) -> None:
         """TP: assert every rank holds the same integer tensor (a checksum, one all-reduce)."""
         if self.mode != "tp":
@@ -180,7 +191,10 @@ def setup(*, tp: int = 1, fsdp: bool = False, device: str | None = None) -> Dist
     if not (tp > 1 or fsdp):
         if world > 1:
             raise SystemExit(f"train.py: started by torchrun with {world} processes: pass --tp {world} or --fsdp")
-        return Dist(device=torch.device(device) if device else model_lib._default_device())
+        dev = torch.device(device) if device else model_lib._default_device()
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # issue 10: --device cuda:1 once left the current device (and its peak-memory stats) at cuda:0
+        return Dist(device=dev)
     if "RANK" not in os.environ:
         raise SystemExit("train.py: --tp / --fsdp need torchrun, e.g. torchrun --nproc-per-node 2 train.py --fsdp")
     if tp > 1 and tp != world:

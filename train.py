@@ -281,7 +281,17 @@ def sample_in_waves(model, prompts, *, n, rows, **kw) -> Rollout:
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(x.float(), q)) if x.numel() else float("nan")
+    """torch.quantile(x, q) (linear interpolation between the order statistics) without its 2^24-element
+    limit (issue 10: 64 x 8 x 32K valid tokens is more): at most two kthvalue calls. nan when empty."""
+    x = x.detach().flatten().float()  # (M,)
+    n = x.numel()
+    if n == 0:
+        return float("nan")
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    a = float(x.kthvalue(lo + 1).values)
+    frac = pos - lo
+    return a if frac == 0 else a + frac * (float(x.kthvalue(min(lo + 2, n)).values) - a)
 
 
 def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick=None) -> str:
@@ -326,19 +336,42 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(out, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
 
 
-def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
-    """Held-out accuracy: the lab's avg@k, or eval.py's Avg over --eval-bench."""
+def evaluate(args, task, model, tokenizer, step: int, benches=None, D=None) -> dict:
+    """Held-out accuracy: the lab's avg@k, or eval.py's Avg over --eval-bench.
+
+    FSDP: each rank evaluates every dp_size-th problem (its share) and the counts are summed over
+    the ranks (issue 10: every rank once ran the whole benchmark). Always in eval mode."""
+    D = D or dist_lib.Dist()
+    model.eval()  # (the update left it in train mode; sample() switches too)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(10_000 + args.seed)  # same eval draws every time
     if task.lab:
         import lab
 
-        with dist_lib.unsharded(model):  # FSDP: whole layers for decoding (every rank evaluates, rank 0 logs)
-            return lab.evaluate(model, tokenizer, task.held_out, k=args.eval_k or 4, max_new_tokens=args.max_new_tokens, generator=g)
+        k, mine = args.eval_k or 4, task.held_out[D.dp_rank :: D.dp_size]
+        r = None
+        if mine:
+            with dist_lib.unsharded(model):  # FSDP: whole layers for decoding
+                r = lab.evaluate(model, tokenizer, mine, k=k, max_new_tokens=args.max_new_tokens, generator=g)
+        if D.dp_size == 1:
+            return r
+        n = len(mine) * k  # samples: counts from the rates, summed over ranks
+        c, s, cs, cd = (r["eval_acc"] * n, r["frac_search"] * n, r["acc_search"] * r["frac_search"] * n, r["acc_direct"] * (1 - r["frac_search"]) * n) if r else (0.0,) * 4
+        n, c, s, cs, cd = (D.sum(float(x)) for x in (n, c, s, cs, cd))
+        return {"eval_acc": c / n, "frac_search": s / n, "acc_search": cs / max(1.0, s), "acc_direct": cd / max(1.0, n - s)}
     import eval as eval_lib
 
-    with dist_lib.unsharded(model):
-        res = eval_lib.run_benchmarks(model, tokenizer, benches, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"))
-    return {"eval_acc": res["Avg"] / 100.0, **{f"eval_{k}": v["avg"] for k, v in res["benches"].items()}}
+    mine = {name: {**b, "problems": b["problems"][D.dp_rank :: D.dp_size]} for name, b in benches.items()}
+    todo = {name: b for name, b in mine.items() if b["problems"]}
+    res = {"benches": {}}
+    if todo:
+        with dist_lib.unsharded(model):  # TP: the plan's rows per wave (its KV heads are split); else what fits
+            res = eval_lib.run_benchmarks(model, tokenizer, todo, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"),
+                                          batch_size=args.sample_rows if D.mode == "tp" else None)  # fmt: skip
+    per = {}
+    for name, b in mine.items():  # the same order on every rank (collectives)
+        r, n = res["benches"].get(name), len(b["problems"]) * b["k"]
+        per[name] = r["avg"] if D.dp_size == 1 else 100.0 * D.sum(r["avg"] / 100.0 * n if r else 0.0) / D.sum(n)
+    return {"eval_acc": sum(per.values()) / len(per) / 100.0, **{f"eval_{k}": v for k, v in per.items()}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -449,7 +482,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | thinking {think} | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
-        ev = evaluate(args, task, model, tokenizer, 0, benches)
+        ev = evaluate(args, task, model, tokenizer, 0, benches, D)
         log({"step": 0, **ev})
         summary["eval_before"] = ev["eval_acc"]
         print(f"eval step 0: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
@@ -477,7 +510,7 @@ def main(args: argparse.Namespace) -> dict:
 
         # --- 2) rewards: graded answers; truncated (no EOS) = 0 ---
         texts = data_lib.graded_texts(tokenizer, responses, lengths, roll.finished, [data_lib.think_prefix(tokenizer, prompts[i // G]) for i in range(N)])  # as eval.py grades
-        graded = task.grade(texts, [problems[i // G]["answer"] for i in range(N)])
+        graded = D.from_main(lambda: task.grade(texts, [problems[i // G]["answer"] for i in range(N)]))  # TP: graded once (rank 0)
         rewards = torch.tensor(graded, device=device) * roll.finished.float()  # (N,)
 
         # --- 3) GRPO sequence advantages ---
@@ -488,12 +521,12 @@ def main(args: argparse.Namespace) -> dict:
         student_prompts = [prompts[i // G] for i in range(N)]  # prompt-major rows
         teacher_prompts = None
         if use_teacher and not args.no_teacher:
-            teacher_prompts = antisd.teacher_prompts(
+            teacher_prompts = D.from_main(lambda: antisd.teacher_prompts(  # TP: built once (the official recipe grades peers' answers)
                 tokenizer, [task.user_text(p) for p in problems], responses, lengths, rewards, G,
                 references=[task.reference(p) for p in problems], max_solution_tokens=args.max_solution_tokens,
                 enable_thinking=task.template_kw.get("enable_thinking"), generator=pick,
                 recipe=args.recipe, answers=[p["answer"] for p in problems], answer_match=task.answer_match,
-            )  # fmt: skip
+            ))  # fmt: skip
 
         # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
         with dist_lib.unsharded(model):
@@ -616,7 +649,7 @@ def main(args: argparse.Namespace) -> dict:
         bar.update(1)
 
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            ev = evaluate(args, task, model, tokenizer, step, benches)
+            ev = evaluate(args, task, model, tokenizer, step, benches, D)
             log({"step": step, **ev})
             tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         stop["now"] = D.any(stop["now"])  # every rank stops at the same step
@@ -630,7 +663,7 @@ def main(args: argparse.Namespace) -> dict:
     # --- the end: final eval, final checkpoint, summary ---
     if not stop["now"]:
         if args.eval_every or task.lab or benches:
-            ev = evaluate(args, task, model, tokenizer, step, benches)
+            ev = evaluate(args, task, model, tokenizer, step, benches, D)
             log({"step": step, **ev})
             summary["eval_after"] = ev["eval_acc"]
             print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))

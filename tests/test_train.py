@@ -6,6 +6,7 @@ temporary working directory, so the warm-start cache never lands in the repo.
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -367,3 +368,17 @@ def test_resume_loads_the_checkpoint_on_the_host_and_keeps_nothing_of_it(tmp_pat
     _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--resume")
     assert len(loaded) > 10 and opts and checked == [0], (len(loaded), checked)  # every loaded tensor freed
     assert steps[-1]["step"] == 2
+
+
+def test_quantile_is_torch_quantile_without_its_size_limit():
+    """Issue 10 item 11: torch.quantile raises above 2^24 elements (64 x 8 x 32K valid tokens)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 100, 1001):
+        x = torch.randn(n, generator=g)
+        for q in (0.0, 0.01, 0.25, 0.5, 0.99, 1.0):
+            assert train.quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6), (n, q)
+    big = torch.rand(2**24 + 1, generator=g)
+    with pytest.raises(RuntimeError):
+        torch.quantile(big, 0.5)
+    assert train.quantile(big, 0.5) == pytest.approx(0.5, abs=1e-3) and train.quantile(big, 0.0) == float(big.min())
+    assert math.isnan(train.quantile(torch.zeros(0), 0.5))
