@@ -49,7 +49,7 @@ What this file owns
    the real peak on a GPU.
 
 3. `micro_batches` / `split_to`: the training micro-batches by a token budget (rows x padded
-   length), and the same number of them on every FSDP rank.
+   length), rows of similar length together, and the same number of them on every FSDP rank.
 
 Shapes / symbols: N rows, P prompt tokens, T new tokens, D hidden, I intermediate, V vocab.
 """
@@ -205,41 +205,44 @@ class AdamW:
 # ---------------------------------------------------------------------------------------
 
 
-def micro_batches(prompt_lens: list[int], lengths: list[int], *, max_rows: int, max_tokens: int | None = None) -> list[slice]:
-    """Split rows 0..N-1 into contiguous micro-batches for the training forward/backward.
+def micro_batches(prompt_lens: list[int], lengths: list[int], *, max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Split rows 0..N-1 into micro-batches (lists of row indices) for the training forward/backward.
 
-    Each holds at most max_rows rows and, when max_tokens is given, at most max_tokens PADDED
-    tokens: rows x (longest prompt + longest response in the batch), which is what
-    model.response_logprobs allocates. A single row longer than the budget is a batch alone.
-    The loss does not depend on the split (policy_loss divides by the step's token count).
-    Without max_tokens this is range(0, N, max_rows).
+    Rows are taken in order of prompt + response length (ties by index), as the scoring pass
+    orders them, so each micro-batch holds rows of similar length and little padding (issue 10:
+    prompt-major slices padded every batch to its longest row). Each holds at most max_rows rows
+    and, when max_tokens is given, at most max_tokens PADDED tokens: rows x (longest prompt +
+    longest response in the batch), which is what model.response_logprobs allocates. A single row
+    longer than the budget is a batch alone. The loss does not depend on the split (policy_loss
+    divides by the step's token count). Every row is in exactly one batch.
     """
     assert len(prompt_lens) == len(lengths) and max_rows >= 1
-    out, a, n = [], 0, len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (prompt_lens[i] + lengths[i], i))
+    out, a, n = [], 0, len(order)
     while a < n:
-        b, mp, ml = a + 1, prompt_lens[a], lengths[a]
+        b, mp, ml = a + 1, prompt_lens[order[a]], lengths[order[a]]
         while b < n and b - a < max_rows:
-            mp2, ml2 = max(mp, prompt_lens[b]), max(ml, lengths[b])
+            mp2, ml2 = max(mp, prompt_lens[order[b]]), max(ml, lengths[order[b]])
             if max_tokens is not None and (b - a + 1) * (mp2 + ml2) > max_tokens:
                 break
             mp, ml, b = mp2, ml2, b + 1
-        out.append(slice(a, b))
+        out.append(order[a:b])
         a = b
     return out
 
 
-def split_to(batches: list[slice], count: int) -> list[slice]:
+def split_to(batches: list[list[int]], count: int) -> list[list[int]]:
     """Halve the largest micro-batches until there are `count` of them. FSDP: every rank must
     run the same number of forward/backward passes (each one all-gathers every layer), so ranks
     with fewer batches than the busiest one split theirs. count <= rows always works."""
-    out = list(batches)
+    out = [list(b) for b in batches]
     while len(out) < count:
-        i = max(range(len(out)), key=lambda j: out[j].stop - out[j].start)
-        s = out[i]
-        if s.stop - s.start < 2:
-            raise ValueError(f"split_to: cannot make {count} micro-batches from {s.stop} rows")
-        mid = (s.start + s.stop) // 2
-        out[i : i + 1] = [slice(s.start, mid), slice(mid, s.stop)]
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        rows = out[i]
+        if len(rows) < 2:
+            raise ValueError(f"split_to: cannot make {count} micro-batches from {sum(map(len, out))} rows")
+        mid = len(rows) // 2
+        out[i : i + 1] = [rows[:mid], rows[mid:]]
     return out
 
 

@@ -570,9 +570,10 @@ def main(args: argparse.Namespace) -> dict:
         batches = memory.split_to(batches, D.max(len(batches)))
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for idx in batches:
+        for rows in batches:  # row indices, rows of similar length together (memory.micro_batches)
+            idx = torch.tensor(rows, device=responses.device)  # (n,)
             Tm = int(lengths[idx].max())
-            logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
+            logp, _ = model_lib.response_logprobs(model, [student_prompts[i] for i in rows], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
             loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
                                       clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
             dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)

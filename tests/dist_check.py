@@ -49,9 +49,10 @@ def batch(n=6, seed=1):
 
 def loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, chunk, D=dist_lib.Dist()):
     total = 0.0
-    for idx in batches:
+    for rows in batches:
+        idx = torch.tensor(rows) if isinstance(rows, list) else rows  # memory.micro_batches' index lists (or a slice)
         Tm = int(lengths[idx].max())
-        logp, _ = model_lib.response_logprobs(m, prompts[idx], resp[idx, :Tm], lengths[idx], chunk_size=chunk)
+        logp, _ = model_lib.response_logprobs(m, [prompts[i] for i in rows] if isinstance(rows, list) else prompts[idx], resp[idx, :Tm], lengths[idx], chunk_size=chunk)
         mask = antisd.mask_from_lengths(lengths[idx], Tm)
         loss = antisd.policy_loss(logp, logp.detach(), adv[idx, :Tm], mask, num_tokens=num_tokens)
         dist_lib.backward(loss, m, D)

@@ -84,16 +84,30 @@ def test_activation_estimate_matches_what_autograd_keeps():
 
 def test_micro_batches_by_token_budget_and_split_to():
     P, L = [5, 5, 5, 5, 5], [10, 2, 30, 3, 4]
-    assert memory.micro_batches(P, L, max_rows=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # rows in order of prompt + response length (1, 3, 4, 0, 2), at most 2 per batch
+    assert memory.micro_batches(P, L, max_rows=2) == [[1, 3], [4, 0], [2]]
     # padded cost rows x (longest prompt + longest response) <= 40; a 35-token row alone
     mb = memory.micro_batches(P, L, max_rows=8, max_tokens=40)
-    assert mb == [slice(0, 2), slice(2, 3), slice(3, 5)]
-    for s in mb:
-        n = s.stop - s.start
-        assert n == 1 or n * (max(P[s]) + max(L[s])) <= 40
-    assert memory.split_to(mb, 5) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
+    assert mb == [[1, 3, 4], [0], [2]]
+    for rows in mb:
+        assert len(rows) == 1 or len(rows) * (max(P[i] for i in rows) + max(L[i] for i in rows)) <= 40
+    assert memory.split_to(mb, 5) == [[1], [3], [4], [0], [2]]  # the largest batch halved until there are 5
     with pytest.raises(ValueError):
         memory.split_to(mb, 6)
+
+
+def test_sorted_micro_batches_pad_less_than_prompt_major_slices():
+    """Issue 10 item 15: prompt-major slices padded every micro-batch to its longest row; sorted
+    rows pad less, and every row is still in exactly one batch (the loss is split-invariant)."""
+    g = torch.Generator().manual_seed(0)
+    N, G = 64, 8
+    P = [int(x) for x in torch.randint(20, 200, (N // G,), generator=g).repeat_interleave(G)]  # a group shares its prompt
+    L = [int(x) for x in torch.randint(1, 2000, (N,), generator=g)]
+    padded = lambda batches: sum(len(b) * (max(P[i] for i in b) + max(L[i] for i in b)) for b in batches)  # noqa: E731
+    ours = memory.micro_batches(P, L, max_rows=4)
+    assert sorted(i for b in ours for i in b) == list(range(N)) and all(len(b) <= 4 for b in ours)
+    prompt_major = [list(range(a, a + 4)) for a in range(0, N, 4)]
+    assert padded(ours) < 0.8 * padded(prompt_major)
 
 
 def test_adamw_is_torch_adamw_in_fp32_and_keeps_small_updates_in_bf16():
