@@ -198,7 +198,7 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"], "src": src}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"warm-{key}") if cache_dir else None
     if path and os.path.isfile(os.path.join(path, "config.json")):
-        warmed, _ = model_lib.load(path, device=next(model.parameters()).device)
+        warmed, _ = model_lib.load(path, dtype=model.dtype, device=next(model.parameters()).device)  # the dtype it was asked for (a path alone loads bf16 on CUDA)
         print(f"warm start: loaded from cache {path}")
         return warmed
     rng = random.Random(cfg["seed"])

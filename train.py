@@ -391,7 +391,9 @@ def main(args: argparse.Namespace) -> dict:
     resume_from = latest_checkpoint(args.out) if args.resume else None
     if args.resume and resume_from is None:
         raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    # the lab is fp32 unless told otherwise, also when it resumes from a checkpoint directory (which
+    # model.load would otherwise load in bf16 on CUDA, beside an optimizer state saved for fp32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.model == "tiny" else None)
     model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
     task = Task(args, tokenizer)
     if task.lab and not (resume_from or args.init_from):

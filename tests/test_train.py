@@ -382,3 +382,18 @@ def test_quantile_is_torch_quantile_without_its_size_limit():
         torch.quantile(big, 0.5)
     assert train.quantile(big, 0.5) == pytest.approx(0.5, abs=1e-3) and train.quantile(big, 0.0) == float(big.min())
     assert math.isnan(train.quantile(torch.zeros(0), 0.5))
+
+
+def test_a_bf16_lab_run_stays_bf16_through_the_warm_start_cache_and_resumes(tmp_path):
+    """Found preparing the GPU checks (issue 10): a cached warm start was loaded in model.load's
+    default dtype for a directory (fp32 on CPU, bf16 on CUDA), not the run's, so the lab's dtype
+    changed between runs and a resume met an optimizer state saved for the other dtype."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, "--steps", "1", "--eval-every", "0", "--dtype", "bfloat16", out="a")  # trains (or loads) the bf16 warm start
+    run(tmp_path, "--steps", "1", "--eval-every", "0", "--dtype", "bfloat16", out="b")  # the cache hit
+    for out in ("a", "b"):
+        sd = load_file(tmp_path / out / "checkpoint-1" / "model.safetensors")
+        assert {v.dtype for v in sd.values()} == {torch.bfloat16}, out
+    _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--dtype", "bfloat16", "--resume", out="b")
+    assert steps[-1]["step"] == 2
