@@ -204,7 +204,7 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"], "src": src}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"warm-{key}") if cache_dir else None
     if path and os.path.isfile(os.path.join(path, "config.json")):
-        warmed, _ = model_lib.load(path, device=next(model.parameters()).device)
+        warmed, _ = model_lib.load(path, dtype=model.dtype, device=next(model.parameters()).device)  # the dtype it was asked for (a path alone loads bf16 on CUDA)
         print(f"warm start: loaded from cache {path}")
         return warmed
     if path and not _writable(cache_dir):
@@ -271,15 +271,19 @@ def _writable(d: str) -> bool:
 def evaluate(model, tokenizer, held_out: list[dict], *, k: int = 4, temperature: float = 0.7, max_new_tokens: int = 96, batch: int = 64, generator: torch.Generator | None = None) -> dict:
     """avg@k held-out accuracy (mean over all k samples of every problem), plus the share of
     search-style responses and the accuracy of each style."""
+    import data
+    import model as model_lib
     from rollout import sample
 
     g = generator if generator is not None else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    eos = model_lib.stop_token_ids(model, tokenizer)  # the stop ids and graded text of training (train.py) and eval.py
     correct, styles = [], []
     for s in tqdm(range(0, len(held_out), batch), desc=f"eval ({len(held_out)} problems x {k})", leave=False, disable=None):
         chunk = held_out[s : s + batch]
-        r = sample(model, [chat_ids(tokenizer, user_text(p)) for p in chunk], n=k, max_new_tokens=max_new_tokens,
-                   temperature=temperature, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip
-        texts = tokenizer.batch_decode(r.to_lists(), skip_special_tokens=True)
+        prompts = [chat_ids(tokenizer, user_text(p)) for p in chunk]
+        r = sample(model, prompts, n=k, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip
+        texts = data.graded_texts(tokenizer, r.tokens, r.lengths, r.finished, [data.think_prefix(tokenizer, prompts[i // k]) for i in range(len(r.lengths))])
         for i, text in enumerate(texts):
             correct.append(grade(text, chunk[i // k]["answer"]) if r.finished[i] else 0.0)
             styles.append(classify(text))

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -143,6 +144,34 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak) -> 
 # ---------------------------------------------------------------------------------------
 # step: train.py, one AntiSD step and one GRPO step
 # ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_correct_per_group(train_mod=train):
+    """Random weights never solve a problem nor stop, so every reward is 0 and every teacher prompt
+    holds the 10-token reference, never a peer's solution (issue 10 item 16: the peer-choice path,
+    where a CUDA generator once crashed, never ran). Inside this block train.py's rollouts are
+    marked finished and graded correct for the first rollout of every group, incorrect for the
+    rest: every group has one correct peer, every row a full-length teacher context. Also used
+    by tests/test_train.py and tests/test_cuda.py."""
+    real_sample, real_grade = train_mod.sample_in_waves, train_mod.Task.grade
+    G = {}
+
+    def sample_in_waves(model, prompts, *, n, rows, **kw):
+        r = real_sample(model, prompts, n=n, rows=rows, **kw)
+        G["n"] = n
+        r.finished[::n] = True  # (N,) the first rollout of each group "emitted its EOS" at its length
+        return r
+
+    def grade(self, texts, answers):
+        return [1.0 if i % G["n"] == 0 else 0.0 for i in range(len(texts))]
+
+    train_mod.sample_in_waves, train_mod.Task.grade = sample_in_waves, grade
+    try:
+        yield
+    finally:
+        train_mod.sample_in_waves, train_mod.Task.grade = real_sample, real_grade
+
 
 
 def write_problems(path: str, n: int = 32) -> str:
