@@ -150,7 +150,7 @@ def prewarm(argv: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
     model, tok = model_lib.load(targs.model, device=targs.device, seed=targs.seed)
     task = train.Task(targs, tok)
-    lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **({} if targs.warm_steps is None else {"steps": targs.warm_steps}))
+    lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **lab.warm_overrides(targs.lab_level, targs.warm_steps))
 
 
 def run_all(args) -> None:
