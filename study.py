@@ -537,6 +537,7 @@ def plot_sweep(out: str, summary: dict, smooth: int = 5) -> list[str]:
     for ax, lv in zip(axes[0], levels):
         runs = per_level[lv["level"]]
         _draw(ax, runs, list(dict.fromkeys(m for m, _ in runs)), PANELS[0], 1)
+        ax.set_yscale("linear")  # accuracies: _draw's log scale for wide ranges would hide the plateau
         ax.set_title(title(lv), fontsize=10)
         ax.legend(fontsize=7)
     save(fig, "accuracy_per_level")
