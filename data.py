@@ -159,13 +159,16 @@ def _text(value, field):
 
 
 def _answer(value, field):
-    """The reference answer as a non-empty string; integers are accepted (MathArena stores int64)."""
+    """The reference answer as a non-empty string; numbers are accepted (MathArena stores int64;
+    a JSON 1.5 is the answer "1.5")."""
     if isinstance(value, bool):  # bool is an int subclass; never an answer
-        raise _BadRow(f"field {field!r} must be a string or an integer, got bool")
+        raise _BadRow(f"field {field!r} must be a string or a number, got bool")
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, float):
+        if not value == value or value in (float("inf"), float("-inf")):
+            raise _BadRow(f"field {field!r} is {value}, not an answer")
+        return str(int(value)) if value.is_integer() else repr(value)
     return _text(value, field)
 
 
@@ -293,10 +296,20 @@ def _plain(x):
     return x
 
 
+def _decode(raw, path, lineno=None):
+    """bytes -> str, or a DataError naming the file, line and byte that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno if lineno is not None else raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a bad byte is reported with its line, not as a bare UnicodeDecodeError
         row = 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             loc = f"{path}: row {row} (line {lineno})"
@@ -306,14 +319,19 @@ def _read_jsonl(path):
                 raise DataError(f"{loc}: not valid JSON ({e.msg})") from None
             yield loc, obj
             row += 1
+    if row == 0:
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
+    if not text.strip():
+        raise DataError(f"{path}: no rows (the file is empty or blank)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(obj, dict):  # {"<split or 'data'>": [rows]} with exactly one list inside
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -321,6 +339,8 @@ def _read_json(path):
         obj = lists[0]
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects, got {type(obj).__name__}")
+    if not obj:
+        raise DataError(f"{path}: no rows (an empty list)")
     for i, row in enumerate(obj):
         yield f"{path}: row {i}", row
 
@@ -332,10 +352,16 @@ def _read_parquet(path):
         pq = None
     if pq is not None:
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):  # streamed, batch by batch
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow's errors (ArrowInvalid) name no file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        for batch in pf.iter_batches(batch_size=8192):  # streamed, batch by batch
             for row in batch.to_pylist():
                 yield f"{path}: row {i}", row
                 i += 1
+        if i == 0:
+            raise DataError(f"{path}: no rows")
         return
     try:
         import pandas as pd
@@ -344,6 +370,8 @@ def _read_parquet(path):
             f"reading {path} needs pyarrow or pandas (optional extras): pip install pyarrow"
         ) from None
     df = pd.read_parquet(path)
+    if len(df) == 0:
+        raise DataError(f"{path}: no rows")
     for i, row in enumerate(df.to_dict("records")):
         yield f"{path}: row {i}", _plain(row)
 

@@ -3,6 +3,7 @@
     python eval.py --model Qwen/Qwen3-4B-Instruct-2507 --bench aime24,aime25,aime26,hmmt25,minerva
     python eval.py --model tiny --bench tests/fixtures/tiny_eval.jsonl --k 2 --max-new-tokens 16
     python eval.py --speedup runs/grpo/metrics.jsonl runs/antisd/metrics.jsonl
+    python eval.py --model runs/antisd-tiny-s0/checkpoint-60 --bench lab      # the lab, as train.py evaluates it
 
 Protocol (SPEC section 4) [P]: k samples per problem with T = 0.7, top-p = 0.95 from our own
 sampler (rollout.sample), graded by grading.grade (the same function training uses for
@@ -25,6 +26,10 @@ histories step -> Avg, the baseline's best Avg and its (first) step, the first s
 at which the method reaches that Avg, ratio = baseline step / method step; plus peak and
 final values of both runs (the paper reports peaks; a forker needs both).
 
+The lab (`--bench lab`): train.py's CPU lab task (lab.py) evaluated as train.py does it: its 200
+held-out problems with the lab's own prompt (no math instruction) and grader, k = 4, T = 0.7,
+top-p 1.0, 96 new tokens (each unless given), so the number matches train.py's eval_acc.
+
 Output: a table on stdout; with --out DIR, DIR/samples.jsonl (one line per sample: bench,
 problem id, sample index, response, extracted answer, correct, finished, length) and
 DIR/summary.json (args + metrics).
@@ -36,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -45,6 +51,7 @@ import data
 import grading
 
 PAPER_BENCHES = "aime24,aime25,aime26,hmmt25,minerva"
+MAX_NEW_TOKENS = 32768  # [D] see above; the lab's responses need 96
 
 
 # ----------------------------------------------------------------------------
@@ -120,10 +127,12 @@ def _work_items(n_problems, k, batch_size):
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_k=0, max_new_tokens,
              batch_size=64, generator=None, enable_thinking=None, grader=grading.grade, grade_workers=None,
-             progress=True, desc="eval"):  # fmt: skip
+             progress=True, desc="eval", prompt_fn=None):  # fmt: skip
     """Sample k responses per problem and grade them.
 
     problems: [{"id", "problem", "answer"}] (data.load_problems).
+    prompt_fn: prompt_fn(tokenizer, problem dict) -> prompt ids; default the paper's prompt
+        (data.format_prompt); the lab bench passes its own.
     grader: grader(response, answer) -> float; the default grading.grade is run in batch
         through grading.grade_many (a process pool).
     Returns {"k", "n", "avg", "pass" {m: %}, "truncated" (%), "mean_length" (tokens),
@@ -136,7 +145,9 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
     t0 = time.time()
     model_was_training = model.training
     model.eval()
-    prompts = [data.format_prompt(tokenizer, p["problem"], enable_thinking=enable_thinking) for p in problems]
+    if prompt_fn is None:
+        prompt_fn = lambda tok, p: data.format_prompt(tok, p["problem"], enable_thinking=enable_thinking)  # noqa: E731
+    prompts = [prompt_fn(tokenizer, p) for p in problems]
     # a template that opens <think> in the prompt: the grader must see it (see data.think_prefix)
     prefixes = [data.think_prefix(tokenizer, ids) for ids in prompts]
     eos = _eos_ids(model, tokenizer)
@@ -192,13 +203,24 @@ def load_benchmarks(specs, *, k=None, limit=None, verbose=True):
     """{name: {"problems": [...], "k": int}} for data.load_problems specs; load once, evaluate often.
 
     k: samples per problem for every benchmark; None = each benchmark's registered k.
+    Each entry also holds "sampling": evaluate() arguments that apply unless given (the lab's
+    prompt, grader and lengths; the paper's length otherwise).
     """
     benches = {}
     for spec in specs:
+        if spec == "lab":  # train.py's CPU lab: its held-out set, prompt and grader (see the docstring)
+            import lab
+
+            _, held_out = lab.datasets(n_train=1, n_eval=limit or 200)
+            benches["lab"] = {"problems": held_out, "k": k or 4, "sampling": {
+                "top_p": 1.0, "max_new_tokens": 96, "grader": lab.grade, "prompt_fn": lambda tok, p: lab.chat_ids(tok, lab.user_text(p))}}  # fmt: skip
+            continue
         problems, report = data.load_problems(spec, limit=limit, verbose=verbose)
         if report["name"] in benches:
             raise ValueError(f"benchmark {report['name']!r} given twice")
-        benches[report["name"]] = {"problems": problems, "k": k if k is not None else report["k"]}
+        if not problems:
+            raise data.DataError(f"{spec}: no problems in {', '.join(map(str, report['files']))}")
+        benches[report["name"]] = {"problems": problems, "k": k if k is not None else report["k"], "sampling": {"max_new_tokens": MAX_NEW_TOKENS}}
     return benches
 
 
@@ -206,14 +228,16 @@ def run_benchmarks(model, tokenizer, benches, *, k=None, limit=None, progress=Tr
     """Evaluate several benchmarks and their Avg. Used by main and by train.py's periodic eval.
 
     benches: load_benchmarks(...)'s dict, or a list of specs (loaded here with k and limit).
-    eval_kw: evaluate()'s sampling arguments (max_new_tokens, temperature, generator, ...).
+    eval_kw: evaluate()'s sampling arguments (max_new_tokens, temperature, generator, ...); a
+        None value means "the benchmark's own" (its "sampling" entry, else evaluate's default).
     Returns {"benches": {name: evaluate(...) result}, "Avg": mean of the avg@k (%)}.
     """
     if not isinstance(benches, dict):
         benches = load_benchmarks(benches, k=k, limit=limit, verbose=progress)
     if not benches:
         raise ValueError("run_benchmarks: no benchmarks")
-    results = {name: evaluate(model, tokenizer, b["problems"], k=b["k"], progress=progress, desc=name, **eval_kw)
+    given = {key: v for key, v in eval_kw.items() if v is not None}
+    results = {name: evaluate(model, tokenizer, b["problems"], k=b["k"], progress=progress, desc=name, **{**b.get("sampling", {}), **given})
                for name, b in benches.items()}  # fmt: skip
     avg = sum(r["avg"] for r in results.values()) / len(results)
     return {"benches": results, "Avg": avg}
@@ -316,6 +340,42 @@ def format_speedup(s, base_name="baseline", method_name="method"):
 # CLI
 
 
+def check_args(args):
+    """Bad flags and unusable outputs end here, naming the flag, before any model or data is loaded."""
+    checks = [
+        (args.k is None or args.k >= 1, "--k must be >= 1"),
+        (args.limit is None or args.limit >= 1, "--limit must be >= 1"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+        (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+        (args.grade_workers is None or args.grade_workers >= 0, "--grade-workers must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"eval.py: {msg}")
+    if args.out:
+        check_out(args.out)
+
+
+def check_out(out):
+    """--out must be a directory we can write samples.jsonl and summary.json into: tried now
+    (made if missing, a probe file written), not found out after the whole evaluation."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"eval.py: --out {out} is a file, not a directory")
+    for name in ("samples.jsonl", "summary.json"):
+        if os.path.isdir(os.path.join(out, name)):
+            raise SystemExit(f"eval.py: --out {out}: {name} there is a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"eval.py: --out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def main(args):
     if args.speedup:
         base, meth = args.speedup
@@ -323,20 +383,30 @@ def main(args):
         print(format_speedup(s, "baseline", "method"))
         return s
 
+    check_args(args)
     import model as model_lib
 
+    specs = [s.strip() for s in args.bench.split(",") if s.strip()]
+    try:  # the data before the model: a bad file is named in seconds, not after a model load
+        benches = load_benchmarks(specs, k=args.k, limit=args.limit, verbose=not args.quiet)
+    except (data.DataError, OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"eval.py: --bench: {e}") from None
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, tok = model_lib.load(args.model, dtype=dtype, device=args.device)
+    try:
+        model, tok = model_lib.load(args.model, dtype=dtype, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eval.py: --model: {e}") from None
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     thinking = {"default": None, "on": True, "off": False}[args.enable_thinking]
-    specs = [s.strip() for s in args.bench.split(",") if s.strip()]
     result = run_benchmarks(
-        model, tok, specs, k=args.k, limit=args.limit, temperature=args.temperature, top_p=args.top_p,
+        model, tok, benches, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generator=gen,
         enable_thinking=thinking, grade_workers=args.grade_workers, progress=not args.quiet,
     )  # fmt: skip
-    print(format_table(result, args.model))
+    if not args.quiet and not sys.stderr.isatty():  # a log file keeps the cleared bar's line: end it
+        print(file=sys.stderr, flush=True)
+    print(format_table(result, args.model), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
@@ -358,15 +428,15 @@ def get_parser():
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model", default=None, help="'tiny', 'random:<hub id>', a hub id or a local checkpoint dir")
     g.add_argument("--bench", default=PAPER_BENCHES,
-                   help=f"comma-separated: registered names ({', '.join(data.SOURCES)}), NAME=PATH for a local copy in "
+                   help=f"comma-separated: registered names ({', '.join(data.SOURCES)}), lab (train.py's CPU lab), NAME=PATH for a local copy in "
                         f"that dataset's layout, or .jsonl/.json/.parquet paths with problem/answer (default: the paper's five)")  # fmt: skip
     g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (quick runs; default: all)")
     g = p.add_argument_group("sampling (paper: k=32 AIME/HMMT, k=4 Minerva, T=0.7, top-p 0.95)")
     g.add_argument("--k", type=int, default=None, help="samples per problem for every benchmark (default: each benchmark's own k)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off); default 0.95 (lab 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=32768, help="response length limit in tokens (paper: up to 32K)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit in tokens; default {MAX_NEW_TOKENS} (the paper trains up to 32K; lab 96)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call (problems x samples)")
     g.add_argument("--enable-thinking", default="default", choices=["default", "on", "off"],
                    help="chat-template thinking switch (Qwen3): default = the template's own default")

@@ -1,7 +1,7 @@
 """inspect_pmi.py: look at u = PMI(y_t ; c | x, y_<t) token by token, as a heatmap.
 
     python inspect_pmi.py                                     # the lab: warm-started tiny model, a held-out problem
-    python inspect_pmi.py --model runs/antisd-tiny-s0/checkpoint-100 --problem 3
+    python inspect_pmi.py --model runs/antisd-tiny-s0/checkpoint-60 --problem 3   # after `python train.py`
     python inspect_pmi.py --model .cache/smollm2 --prompt "Tom has 3 apples and buys 5 more. How many?" \
         --context "3 + 5 = 8. The answer is 8." --temperature 0
 
@@ -318,16 +318,36 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Bad flags end here with a message naming the flag, before any model is loaded."""
+    checks = [
+        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+        (args.scale > 0, "--scale must be > 0"),
+        (args.warm_steps is None or args.warm_steps >= 0, "--warm-steps must be >= 0 (0 = no warm start)"),
+        (args.problem >= 0, "--problem must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"inspect_pmi.py: {msg}")
+
+
 def main(args: argparse.Namespace) -> dict:
+    check_args(args)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, warm_steps=args.warm_steps, seed=args.seed)
+    try:
+        model, tok = load_model(args.model, warm_steps=args.warm_steps, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:  # a missing checkpoint dir: one line, not a hub traceback
+        raise SystemExit(f"inspect_pmi.py: --model: {e}") from None
     lab_mode = is_lab_model(args.model) and args.prompt is None
     problem = None
     if lab_mode:
         import lab
 
         _, held_out = lab.datasets(n_train=1)
-        problem = held_out[args.problem % len(held_out)]
+        if args.problem >= len(held_out):
+            raise SystemExit(f"inspect_pmi.py: --problem {args.problem}: the lab has {len(held_out)} held-out problems (0 to {len(held_out) - 1})")
+        problem = held_out[args.problem]
         user = lab.user_text(problem)
         context = args.context if args.context is not None else lab.search_solution(problem, random.Random(args.seed))
     else:

@@ -232,8 +232,14 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
 
     The cache key hashes the settings, the tiny model config, the data and lab.py's source,
     so changing any of them retrains. Returns the model (loaded from the cache when present).
+    steps=0: no warm start (the model as it is, nothing cached). A cache_dir that cannot be
+    written (a read-only working directory) is found before training: trained, not cached.
     """
     cfg = {**WARM_DEFAULTS, **overrides}
+    if cfg["steps"] < 0:
+        raise ValueError(f"warm_start: steps must be >= 0, got {cfg['steps']}")
+    if cfg["steps"] == 0:
+        return model
     # the key covers the settings, the model config, the data and this file's code (a change
     # to how examples are written must never reuse a stale warm start)
     src = hashlib.md5(open(__file__, "rb").read()).hexdigest()
@@ -243,6 +249,9 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
         warmed, _ = model_lib.load(path, device=next(model.parameters()).device)
         print(f"warm start: loaded from cache {path}")
         return warmed
+    if path and not _writable(cache_dir):
+        print(f"warm start: cannot write the cache in {cache_dir} (read-only?): training it anyway, not cached (every run retrains)")
+        path = None
     rng = random.Random(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
@@ -283,6 +292,18 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     return model
 
 
+def _writable(d: str) -> bool:
+    """Can files be created in d (made if missing)? Tried, not guessed from permission bits."""
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------
 # Held-out evaluation.
 # ---------------------------------------------------------------------------------------
@@ -296,7 +317,7 @@ def evaluate(model, tokenizer, held_out: list[dict], *, k: int = 4, temperature:
 
     g = generator if generator is not None else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     correct, styles = [], []
-    for s in range(0, len(held_out), batch):
+    for s in tqdm(range(0, len(held_out), batch), desc=f"eval ({len(held_out)} problems x {k})", leave=False, disable=None):
         chunk = held_out[s : s + batch]
         r = sample(model, [chat_ids(tokenizer, user_text(p)) for p in chunk], n=k, max_new_tokens=max_new_tokens,
                    temperature=temperature, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip

@@ -197,17 +197,32 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
         return model.eval(), tok
-    # A local directory or a hub id. Local paths that do not exist are a clear error, not a
-    # confusing hub lookup.
-    if (name.startswith(".") or name.startswith("/")) and not os.path.isdir(name):
-        raise FileNotFoundError(f"load: model directory {name!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(name)
+    # A local directory or a hub id. Local paths are checked first: a missing or empty directory
+    # is a clear error, not a confusing hub lookup ("Repo id must be in the form ...").
+    check_local(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:  # not on the hub (or offline) and no such local directory either
+        raise FileNotFoundError(f"load: {name!r} is no local directory, and loading it from the hub failed: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:  # e.g. Llama-style tokenizers; never reuse EOS as pad (SPEC section 5)
         raise ValueError(f"load: tokenizer of {name!r} has no pad token; add one before training")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **from_pretrained_kw)
     if "distributed_config" not in from_pretrained_kw:  # (device_map= would need `accelerate`)
         model = model.to(device)
     return model.eval(), tok
+
+
+def check_local(name: str) -> None:
+    """Raise FileNotFoundError when `name` is meant as a local model directory (an existing
+    directory, or a path a hub id cannot be: more than one "/", or starting with . / ~) and is
+    not one with a config.json. Hub ids ("org/name") and the presets pass."""
+    if name == "tiny" or name.startswith("random:"):
+        return
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise FileNotFoundError(f"load: {name!r} is a directory but not a model (no config.json in it)")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"load: model directory {name!r} does not exist")  # a hub id is "org/name"
 
 
 def save(model, tokenizer, path: str) -> None:

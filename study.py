@@ -141,7 +141,7 @@ def run_inprocess(argv: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
     old = signal.getsignal(signal.SIGINT)
     try:
-        train.main(train.get_parser().parse_args(argv))
+        train.main(train.get_parser().parse_args([*argv, "--threads", str(threads)]))  # (train.py's lab default is 1)
     finally:
         signal.signal(signal.SIGINT, old)  # train.main installs its own Ctrl-C handler
 

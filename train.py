@@ -1,6 +1,6 @@
 """train.py: GRPO + AntiSD, one linear loop from arguments to update.
 
-    python train.py                                        # the CPU lab, end to end (~10 min)
+    python train.py                                        # the CPU lab, end to end (~10 min on 2 cores, 1 thread)
     python train.py --model Qwen/Qwen3-4B-Instruct-2507    # the paper's setting on a GPU
     python train.py --method grpo --out runs/grpo          # the baseline (see --help for all variants)
 
@@ -35,7 +35,11 @@ evaluation; see lab.py for how the lab maps onto the paper's setting. Other mode
 
 Checkpoints: OUT/checkpoint-<step>/ holds the model in HF format (loadable with
 AutoModelForCausalLM.from_pretrained) and trainer_state.pt (optimizer, RNG states, data
-cursor, gate), written to a temp dir then renamed. --resume continues exactly.
+cursor, gate), written to a temp dir then renamed. --resume continues exactly, with the run's
+own flags (RESUME_FLAGS may change), from the newest complete checkpoint. The run directory's
+rules (one live run, no fresh run into another run's files, log lines cut back on resume, a
+corrupt checkpoint skipped, disk full reported) are in runs.py. Ctrl-C, SIGTERM and the file
+OUT/STOP finish the step, save and exit non-zero (130 / 143 / 75); a finished run exits 0.
 
 Real sizes (memory.py, dist.py): at startup the memory plan is printed (weights, grads, AdamW
 states, activations per micro-batch, KV cache); on a GPU it picks the micro-batch token budget
@@ -52,22 +56,17 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 
-import torch
-from tqdm.auto import tqdm
-
-import antisd
-import dist as dist_lib
-import gate as gate_lib
-import memory
-import model as model_lib
-from rollout import Rollout, sample
+import runs
 
 # ---------------------------------------------------------------------------------------
 # Arguments. `None` defaults are resolved per setting (lab vs real model) in resolve_args.
+# The parser needs no torch: `--help` and a mistyped flag answer before the heavy imports
+# below (torch + transformers take ~6 s). The choices of --method / --recipe / --optim-states
+# are antisd.METHODS / antisd.RECIPES / memory.AdamW.STATES, spelled out here (tests/test_faults.py
+# checks them).
 # ---------------------------------------------------------------------------------------
 
 
@@ -79,10 +78,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (thinking models); default: the template's own default")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype; default fp32 on CPU, bf16 on GPU")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; default cuda if available")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for the lab (on 2 cores a second thread is 1.3-1.4x faster when the machine is idle and 2-12x slower when anything else runs: LOG.md), torch's own default otherwise")
     g.add_argument("--init-from", default=None, help="start a NEW run from this checkpoint dir (weights only; fresh optimizer, gate re-warmed): continual AntiSD from a GRPO checkpoint")
     g = p.add_argument_group("method (SPEC section 2)")
-    g.add_argument("--method", default="antisd", choices=list(antisd.METHODS), help="per-token term added to A_seq: grpo none, sd +lam*u, antisd -lam*phi(u), revkl -lam*u, mult A_seq*(1-lam*phi(u))")
-    g.add_argument("--recipe", default="paper", choices=list(antisd.RECIPES), help="paper: the paper's text (this list of flags); official: the authors' launcher (README 'Which AntiSD?'): clipped u, token term z-scored per response, per-response lambda from the teacher's perplexity (gate.PerplexityGate, --warmup-steps), group-only peers; --lam/--gate/--tau do not apply; methods grpo/sd/antisd")
+    g.add_argument("--method", default="antisd", choices=["grpo", "sd", "antisd", "revkl", "mult"], help="per-token term added to A_seq: grpo none, sd +lam*u, antisd -lam*phi(u), revkl -lam*u, mult A_seq*(1-lam*phi(u))")
+    g.add_argument("--recipe", default="paper", choices=["paper", "official"], help="paper: the paper's text (this list of flags); official: the authors' launcher (README 'Which AntiSD?'): clipped u, token term z-scored per response, per-response lambda from the teacher's perplexity (gate.PerplexityGate, --warmup-steps), group-only peers; --lam/--gate/--tau do not apply; methods grpo/sd/antisd")
     g.add_argument("--len-mask", type=int, default=None, help="official recipe: responses of >= this many tokens get no token term (LEN_MASK; 0 = off); default 12000/16384 of --max-new-tokens (12000 at the authors' 16384)")
     g.add_argument("--lam", type=float, default=0.5, help="lambda while the gate is open")
     g.add_argument("--gate", default=None, choices=["median", "mean", "none"], help="gate statistic; none = always open (no-gate ablation); default none for sd, median otherwise")
@@ -94,6 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("rollouts")
     g.add_argument("--prompts-per-step", type=int, default=None, help="B, prompts per step; default 32 (lab 16)")
     g.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
+    g.add_argument("--max-prompt-tokens", type=int, default=2048, help="training problems whose chat prompt is longer (tokens) are skipped and counted at startup (not for the lab)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="response length cap in tokens; truncated responses get reward 0; default 8192 (lab 96); the paper used up to 32768")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used in every log-prob)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; the loss assumes the full distribution, keep 1.0 for training")
@@ -107,25 +108,69 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch", type=int, default=None, help="rollouts per forward/backward; the loss is identical for any split; default 4 (lab 64)")
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--out", default=None, help="run directory; default runs/<method>-<model>-s<seed>")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint up to --steps")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint, with the run's own flags; only the RESUME_FLAGS (--steps, eval / logging / checkpoint intervals, memory knobs) may be given anew")
+    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --out that holds an earlier run, deleting that run's files (without it such an --out is refused)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling, data order and teacher-context choice")
     g.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval in steps (0 = only before and after); default 10 for the lab, 0 otherwise")
     g.add_argument("--eval-bench", default=None, help="comma-separated eval.py benchmarks for periodic eval of real models (e.g. aime24,aime25)")
     g.add_argument("--eval-k", type=int, default=None, help="samples per eval problem; default 4 (lab), each benchmark's own k otherwise")
     g.add_argument("--eval-limit", type=int, default=None, help="problems per eval benchmark (lab: held-out size, default 200)")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps (also at the end and on Ctrl-C)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones are deleted)")
-    g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps")
-    g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/)")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps (0 = only at the end); a checkpoint is also saved at the end and when stopped (Ctrl-C, SIGTERM, the file OUT/STOP)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones of this run are deleted; 0 = keep all)")
+    g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps (0 = never)")
+    g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/; default lab.py's 600; 0 = none, RL from the random model)")
     g.add_argument("--lab-level", type=float, default=0.0, help="lab only: difficulty L in [0, 1), a weaker warm start (lab.level_config): 0 = the default lab; higher = sparser step-0 reward (more all-wrong groups)")
     g = p.add_argument_group("memory and several GPUs (memory.py, dist.py)")
     g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="recompute each decoder layer in backward (activation memory of one layer instead of all); auto: on for real models, off for the lab")
-    g.add_argument("--optim-states", default="fp32", choices=list(memory.AdamW.STATES), help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
+    g.add_argument("--optim-states", default="fp32", choices=["fp32", "param"], help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens (rows x longest prompt+response) per training micro-batch, on top of --micro-batch rows; default: the memory plan's budget on CUDA, no limit on CPU")
     g.add_argument("--sample-rows", type=int, default=None, help="rollouts sampled at once (a wave of whole prompts; its KV cache must fit); default: the memory plan's on CUDA, all of them on CPU")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run under torchrun --nproc-per-node N (transformers' TP plan; every rank samples the same tokens)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 over all torchrun processes: layers, grads and AdamW states sharded; each rank samples its own prompts-per-step / world prompts")
     return p
+
+
+# Flags that --resume accepts anew: how long, how often to evaluate / log / save, and memory or
+# speed knobs that leave the run's math alone. Every other flag is the run's own (its
+# checkpoint's args.json) and a different value is refused; out / resume / overwrite are this
+# invocation's.
+RESUME_FLAGS = ("steps", "eval_every", "eval_bench", "eval_k", "save_every", "keep_last", "sample_every",
+                "micro_batch", "micro_batch_tokens", "sample_rows", "grad_ckpt", "threads", "device")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line -> args, plus args.given: the flags typed on it (main pops it). --resume
+    keeps the run's own value of every flag not typed; argparse alone cannot tell a typed default
+    from an omitted flag, so the line is parsed a second time with every default suppressed."""
+    p = get_parser()
+    args = p.parse_args(argv)
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+def typed_flags(args: argparse.Namespace) -> set[str]:
+    """The flags the user gave: parse_args' record (popped from args), else (a Namespace from
+    get_parser().parse_args) every flag whose value is not its default."""
+    if "given" in vars(args):
+        return set(vars(args).pop("given"))
+    p = get_parser()
+    return {k for k, v in vars(args).items() if v != p.get_default(k)}
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and argparse errors exit here, in a fraction of a second
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import antisd  # noqa: E402
+import dist as dist_lib  # noqa: E402
+import gate as gate_lib  # noqa: E402
+import memory  # noqa: E402
+import model as model_lib  # noqa: E402
+from rollout import Rollout, sample  # noqa: E402
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -149,6 +194,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         tag = args.method + ("-official" if args.recipe == "official" else "")
         args.out = os.path.join("runs", f"{tag}-{args.model.replace('/', '_').replace(':', '_')}-s{args.seed}")
+    if args.threads is None and lab and "OMP_NUM_THREADS" not in os.environ:
+        args.threads = 1  # see --threads: one thread never collapses when the machine is shared
+    on_cpu = (args.device or model_lib._default_device().type).startswith("cpu")
     checks = [
         (args.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
         (args.group_size >= 2, "--group-size must be >= 2 (GRPO needs a group)"),
@@ -166,6 +214,22 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (args.recipe == "official" or args.len_mask == 0, "--len-mask is an option of --recipe official"),
         (args.len_mask >= 0, "--len-mask must be >= 0"),
         (not (args.resume and args.init_from), "--resume and --init-from exclude each other"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+        (args.clip_low >= 0 and args.clip_high >= 0, "--clip-low and --clip-high must be >= 0"),
+        (args.clip_low < 1, "--clip-low must be < 1 (the ratio's lower bound 1 - clip_low must stay positive)"),
+        (args.grad_clip > 0, "--grad-clip must be > 0 (a negative max norm flips the gradient: ascent; 'inf' turns clipping off)"),
+        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (args.max_solution_tokens >= 1, "--max-solution-tokens must be >= 1"),
+        (args.max_prompt_tokens >= 1, "--max-prompt-tokens must be >= 1"),
+        (args.save_every >= 0, "--save-every must be >= 0 (0 = only at the end)"),
+        (args.keep_last >= 0, "--keep-last must be >= 0 (0 = keep all)"),
+        (args.sample_every >= 0, "--sample-every must be >= 0 (0 = never)"),
+        (args.eval_every >= 0, "--eval-every must be >= 0 (0 = only before and after)"),
+        (args.eval_k is None or args.eval_k >= 1, "--eval-k must be >= 1"),
+        (args.eval_limit is None or args.eval_limit >= 1, "--eval-limit must be >= 1"),
+        (args.warm_steps is None or args.warm_steps >= 0, "--warm-steps must be >= 0 (0 = no warm start)"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+        (not (args.dtype == "float16" and on_cpu), "--dtype float16 on CPU: CPUs have no fast fp16 kernels (the lab's warm start takes ~10x longer) and training has no loss scaling; use float32 on CPU, bfloat16 on a GPU"),
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
         (0 <= args.lab_level < 1 and (args.lab_level == 0 or args.data == "lab"), "--lab-level must be in [0, 1) and needs the lab (--model tiny)"),
         (args.tp >= 1, "--tp must be >= 1"),
@@ -175,6 +239,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"train.py: {msg}")
+    for flag, name in (("--model", args.model), ("--init-from", args.init_from)):
+        try:  # a missing local path is said now, not as a hub error after the imports
+            if name:
+                model_lib.check_local(name)
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: {flag}: {e}") from None
     return args
 
 
@@ -199,7 +269,10 @@ class Task:
             import data
             import grading
 
-            self.train, _ = data.load_problems(args.data)
+            try:
+                self.train, _ = data.load_problems(args.data)
+            except (data.DataError, OSError, ValueError) as e:  # the message names the file and row
+                raise SystemExit(f"train.py: --data {args.data}: {e}") from None
             self.held_out = None
             self.user_text = lambda p: data.user_text(p["problem"])
             # SPEC: the verified solution falls back to the dataset reference; answer-only
@@ -207,6 +280,28 @@ class Task:
             self.reference = lambda p: p.get("solution") or f"\\boxed{{{p['answer']}}}"
             self._grading = grading
         self.tokenizer = tokenizer
+        if not self.lab:
+            self.train = self.fitting(self.train, args.max_prompt_tokens)
+        if not self.train:
+            raise SystemExit(f"train.py: --data {args.data}: no training problems")
+
+    def fitting(self, problems: list[dict], limit: int) -> list[dict]:
+        """The problems whose prompt has at most `limit` tokens; the others are counted and
+        dropped here, before a 20 MB line costs a tokenizer minute or a 20 GB KV cache."""
+        keep, too_long = [], []
+        # a token holds at least one byte, so most prompts are known to fit without tokenizing
+        # them; > 64 characters per token would be a strange text: too long, not tokenized
+        frame = len(self.prompt_ids({**problems[0], "problem": "x"})) + 16 if problems else 0  # template + instruction (+ slack)
+        for p in problems:
+            nbytes = len(p["problem"].encode())
+            if frame + nbytes <= limit:
+                keep.append(p)
+                continue
+            n = len(p["problem"]) if len(p["problem"]) > 64 * limit else len(self.prompt_ids(p))
+            (too_long if n > limit else keep).append(p)
+        if too_long:
+            print(f"[train] skipped {len(too_long)} of {len(problems)} problems whose prompt exceeds --max-prompt-tokens {limit} (e.g. id {too_long[0]['id']})")
+        return keep
 
     def prompt_ids(self, problem: dict) -> list[int]:
         msgs = [{"role": "user", "content": self.user_text(problem)}]
@@ -286,12 +381,24 @@ def quantile(x: torch.Tensor, q: float) -> float:
 def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> str:
     """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename. Every rank calls it
     (TP / FSDP: the model is gathered to rank 0, which writes it; each rank writes its optimizer
-    shards to optimizer/); rank 0 writes the rest."""
+    shards to optimizer/); rank 0 writes the rest. A failed write (disk full) removes the temp
+    dir and exits saying why; the previous checkpoint stays as it was."""
     final = os.path.join(args.out, f"checkpoint-{step}")
     tmp = os.path.join(args.out, f".tmp-checkpoint-{step}")
     if D.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     D.barrier()
+    try:
+        _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final)
+    except Exception as e:  # disk full, quota, I/O error: say which, leave no temp dir
+        raise SystemExit(runs.write_failed(f"checkpoint-{step}", e, args.out, cleanup=tmp if D.is_main else None)) from e
+    if D.is_main:
+        runs.prune(args.out, step, args.keep_last)  # only this run's checkpoint-<int>, never a newer or foreign one
+    D.barrier()
+    return final
+
+
+def _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final) -> None:
     dist_lib.save_model(model, tokenizer, tmp, D)
     opt_state = dist_lib.save_optimizer(opt, tmp, D)  # the state dict in one process, None when sharded on disk
     samplers = D.gather_object(gen.get_state())  # FSDP: every data-parallel rank's own sampling stream
@@ -310,18 +417,48 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> s
             json.dump(vars(args), f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        ckpts = sorted((d for d in os.listdir(args.out) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-        for d in ckpts[: -args.keep_last] if args.keep_last > 0 else []:
-            shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
-    D.barrier()
-    return final
 
 
 def latest_checkpoint(out: str) -> str | None:
-    if not os.path.isdir(out):
-        return None
-    ckpts = [d for d in os.listdir(out) if d.startswith("checkpoint-") and os.path.isfile(os.path.join(out, d, "trainer_state.pt"))]
-    return os.path.join(out, max(ckpts, key=lambda d: int(d.split("-")[1]))) if ckpts else None
+    """The newest checkpoint-<int> with a trainer_state.pt (no integrity check: runs.resume_point)."""
+    ckpts = [p for _, p in runs.checkpoints(out) if os.path.isfile(os.path.join(p, "trainer_state.pt"))]
+    return ckpts[-1] if ckpts else None
+
+
+def find_resume(args, given: set[str]) -> tuple[argparse.Namespace, str | None, list]:
+    """--resume: the newest complete checkpoint in --out, and the run's own flags from it.
+
+    Flags not typed now take the run's values; RESUME_FLAGS typed now replace them; any other
+    typed flag that differs from the run's is refused, naming it. Read-only (every rank calls
+    it): runs.open_dir / set_aside / truncate_log change the directory once it is locked.
+    Returns (args, checkpoint dir or None, [(corrupt newer checkpoint, what is wrong)]).
+    """
+    if not args.resume:
+        return args, None, []
+    path, bad = runs.resume_point(args.out)
+    if path is None:
+        if bad:
+            raise SystemExit(f"train.py: --resume: no complete checkpoint in {args.out}: " + "; ".join(why for _, why in bad))
+        where = "" if "out" in given else " (the default --out for these flags: pass the run's --out)"
+        raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}{where}")
+    with open(os.path.join(path, "args.json")) as f:
+        saved = json.load(f)
+    mine = {"out", "resume", "overwrite"}  # this invocation's, never the run's
+    refused = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {v})" for k, v in saved.items()
+               if k in given and k not in mine and k not in RESUME_FLAGS and hasattr(args, k) and getattr(args, k) != v]  # fmt: skip
+    if refused:
+        raise SystemExit(
+            f"train.py: --resume continues the run in {args.out} with its own flags; these differ from it and cannot change "
+            f"on resume: {', '.join(refused)}. Changeable: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS)}. "
+            f"To change the others, start a new run (another --out, --init-from {path} for its weights)."
+        )
+    for k, v in saved.items():
+        if k not in given and k not in mine and hasattr(args, k):  # (a flag this train.py no longer has is skipped)
+            setattr(args, k, v)
+    step = int(runs.CKPT.fullmatch(os.path.basename(path)).group(1))
+    if step > args.steps:
+        raise SystemExit(f"train.py: --resume: the run in {args.out} is already at step {step} ({os.path.basename(path)}), past --steps {args.steps}; pass --steps > {step} to continue it")
+    return args, path, bad
 
 
 def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
@@ -345,16 +482,28 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    given = typed_flags(args)
     args = resolve_args(args)
-    os.makedirs(args.out, exist_ok=True)
+    args, resume_from, corrupt = find_resume(args, given)  # --resume: the run's own flags and checkpoint
+    if resume_from and os.path.basename(resume_from) == f"checkpoint-{args.steps}":
+        print(f"the run in {args.out} is already finished at step {args.steps} (--steps); nothing to do: pass a larger --steps to continue it")
+        return {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    # --- setup: processes, model, task, optimizer, gate, RNG ---
+    # --- setup: processes, run directory, model, task, optimizer, gate, RNG ---
     D = dist_lib.setup(tp=args.tp, fsdp=args.fsdp, device=args.device)  # torchrun ranks; one process: nothing to start
     if args.prompts_per_step % D.dp_size:
         raise SystemExit(f"train.py: --prompts-per-step {args.prompts_per_step} must split evenly over {D.dp_size} FSDP ranks")
-    resume_from = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}")
+    if D.is_main:  # lock --out; a fresh run refuses another run's files; a resume drops what came after its checkpoint
+        runs.open_dir(args.out, resume=bool(resume_from), overwrite=args.overwrite)
+        if resume_from:
+            runs.set_aside(corrupt, resume_from)
+            k = int(runs.CKPT.fullmatch(os.path.basename(resume_from)).group(1))
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                if n := runs.truncate_log(os.path.join(args.out, name), k):
+                    print(f"resume: dropped {n} lines of {name} written after step {k} (those steps run again)")
+    D.barrier()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
     task = Task(args, tokenizer)
@@ -418,22 +567,24 @@ def main(args: argparse.Namespace) -> dict:
     if D.is_main:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-    # only rank 0 writes metrics and samples
-    metrics_f = open(os.path.join(args.out, "metrics.jsonl") if D.is_main else os.devnull, "a")
-    samples_f = open(os.path.join(args.out, "samples.jsonl") if D.is_main else os.devnull, "a")
+    # only rank 0 writes metrics and samples; lines are written whole (runs.Log)
+    metrics_f = runs.Log(os.path.join(args.out, "metrics.jsonl") if D.is_main else None)
+    samples_f = runs.Log(os.path.join(args.out, "samples.jsonl") if D.is_main else None)
+    log = metrics_f.write
 
-    def log(rec: dict) -> None:
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+    # Ctrl-C, SIGTERM or the file OUT/STOP: finish the current step, save, exit non-zero (never a half-updated checkpoint)
+    stop = runs.Stop(args.out)
+    from transformers.utils import logging as hf_logging
 
-    # Ctrl-C finishes the current step, saves, and exits (never a half-updated checkpoint).
-    stop = {"now": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would land inside the step table
 
     use_teacher = args.method != "grpo" or args.log_teacher
     eos = [tokenizer.eos_token_id]
     par = {"single": "", "tp": f" | tensor parallel {D.world}", "fsdp": f" | FSDP over {D.world} ranks, B {B} each"}[D.mode]
-    how = f"lam {args.lam} gate {args.gate} tau {args.tau}" if args.recipe == "paper" else f"recipe official (per-response lambda, len-mask {args.len_mask})"
+    if args.method == "grpo":
+        how = "no token term" + (", teacher logged" if args.log_teacher else "")
+    else:
+        how = f"lam {args.lam} gate {args.gate} tau {args.tau}" if args.recipe == "paper" else f"recipe official (per-response lambda, len-mask {args.len_mask})"
     print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
@@ -590,7 +741,12 @@ def main(args: argparse.Namespace) -> dict:
 
             rec["frac_search"] = D.sum(sum(lab.classify(t) == "search" for t in texts)) / len(rewards)
         log(rec)
-        gate_word = "   -" if rec["gate_open"] is None else "warm" if gate.warming_up else "open" if rec["gate_open"] else "shut"
+        if rec["gate_open"] is None:
+            gate_word = "   -"
+        elif gate.warming_up or (lam == 0 and gate.open and args.lam > 0):  # the last warmup step still has lambda 0
+            gate_word = "warm"
+        else:
+            gate_word = "open" if gate.open else "shut"
         f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
         tqdm.write(
             f"{step:4d} | {f(rec['loss'], 8, 4)} | {f(rec['reward_mean'], 6)} | {f(rec['resp_len_mean'], 5, 1)} | {f(rec['truncated_frac'], 5, 2)} | "
@@ -600,27 +756,27 @@ def main(args: argparse.Namespace) -> dict:
         if args.sample_every and step % args.sample_every == 0:
             i = 0  # one rollout per dump: the first of the step, with its per-token u
             ids = responses[i, : int(lengths[i])].tolist()
-            samples_f.write(json.dumps({
+            samples_f.write({
                 "step": step, "prompt": tokenizer.decode(prompts[0]), "response": texts[i], "reward": float(rewards[i]),
                 "tokens": [tokenizer.decode([t]) for t in ids], "u": u[i, : len(ids)].tolist() if u is not None else None,
-            }) + "\n")  # fmt: skip
-            samples_f.flush()
+            })  # fmt: skip
         bar.update(1)
 
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             ev = evaluate(args, task, model, tokenizer, step, benches)
             log({"step": step, **ev})
             tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
-        stop["now"] = D.any(stop["now"])  # every rank stops at the same step
-        if step % args.save_every == 0 or stop["now"]:
+        stopping = D.any(stop.requested())  # every rank stops at the same step
+        if (args.save_every and step % args.save_every == 0 and step != args.steps) or stopping:  # the last step: saved below, once
             save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
-        if stop["now"]:
-            print(f"interrupted: saved checkpoint-{step}; continue with --resume --out {args.out}")
+        if stopping:
+            tqdm.write(f"stopped ({stop.reason or 'another rank'}): saved checkpoint-{step}; continue with --resume --out {args.out}")
+            summary["stopped"] = stop.reason or "STOP"
             break
     bar.close()
 
     # --- the end: final eval, final checkpoint, summary ---
-    if not stop["now"]:
+    if "stopped" not in summary:
         if args.eval_every or task.lab or benches:
             ev = evaluate(args, task, model, tokenizer, step, benches)
             log({"step": step, **ev})
@@ -628,8 +784,9 @@ def main(args: argparse.Namespace) -> dict:
             print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if step > start:
             save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
-    metrics_f.close()
-    samples_f.close()
+    stop.close()
+    if D.is_main:
+        runs.unlock(args.out)
     dist_lib.teardown(D)
     if "eval_before" in summary and "eval_after" in summary:
         print(f"held-out accuracy: {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} ({100 * (summary['eval_after'] - summary['eval_before']):+.1f} points) | run dir {args.out}")
@@ -637,4 +794,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    sys.stdout.reconfigure(line_buffering=True)  # step lines reach a log file (python train.py > log) as they happen
+    summary = main(ARGS)
+    sys.exit(runs.Stop.EXIT[summary.get("stopped")])  # 0 = finished; 130 / 143 / 75 = stopped by SIGINT / SIGTERM / OUT/STOP, resumable
