@@ -125,6 +125,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones of this run are deleted; 0 = keep all)")
     g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps (0 = never)")
     g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/; default lab.py's 600; 0 = none, RL from the random model)")
+    g.add_argument("--lab-level", type=float, default=0.0, help="lab only: difficulty L in [0, 1), a weaker warm start (lab.level_config): 0 = the default lab; higher = sparser step-0 reward (more all-wrong groups)")
     g = p.add_argument_group("memory and several GPUs (memory.py, dist.py)")
     g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="recompute each decoder layer in backward (activation memory of one layer instead of all); auto: on for real models, off for the lab")
     g.add_argument("--optim-states", default="fp32", choices=["fp32", "param"], help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
@@ -241,6 +242,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
         (not (args.dtype == "float16" and on_cpu), "--dtype float16 on CPU: CPUs have no fast fp16 kernels (the lab's warm start takes ~10x longer) and training has no loss scaling; use float32 on CPU, bfloat16 on a GPU"),
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
+        (0 <= args.lab_level < 1 and (args.lab_level == 0 or args.data == "lab"), "--lab-level must be in [0, 1) and needs the lab (--model tiny)"),
         (args.tp >= 1, "--tp must be >= 1"),
         (args.micro_batch_tokens is None or args.micro_batch_tokens >= 1, "--micro-batch-tokens must be >= 1"),
         (args.sample_rows is None or args.sample_rows >= args.group_size, "--sample-rows must be >= --group-size (a prompt's samples start together)"),
@@ -607,7 +609,7 @@ def main(args: argparse.Namespace) -> dict:
     if task.lab and not (resume_from or args.init_from):
         import lab
 
-        warm_kw = {} if args.warm_steps is None else {"steps": args.warm_steps}
+        warm_kw = lab.warm_overrides(args.lab_level, args.warm_steps)
         with D.rank0_first():  # rank 0 trains and caches the warm start, the other ranks load the cache
             model = lab.warm_start(model, tokenizer, task.train, cache_dir=os.path.join(".cache", "lab"), **warm_kw)
     model = dist_lib.parallelize(model, tokenizer, D, scratch=os.path.join(args.out, ".tp-init"))  # TP shards / FSDP wrap
@@ -827,6 +829,9 @@ def main(args: argparse.Namespace) -> dict:
                    "sigma_ref": gate.sigma_ref, "tppl_mean": float(tppl_all.mean()), "tppl_target": gate.target,
                    "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
                    "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
+        # the token term's size next to A_seq's (issue 15): mean |adv - A_seq| and mean |A_seq| over the step's valid tokens
+        tok_term_abs = D.sum(float(((adv - seq_adv.float()[:, None]).abs() * mask).sum())) / num_tokens
+        seq_adv_abs = D.sum(float((seq_adv.float().abs() * lengths).sum())) / num_tokens
         if D.dp_size > 1:  # FSDP: gather every rank's rows (rank order = the step's batch), so the record is the step's
             rewards, lengths, finished = D.gather(rewards), D.gather(lengths), D.gather(finished)
             old_logp, u, t_ent = (D.gather(x) if x is not None else None for x in (old_logp, u, t_ent))
@@ -835,6 +840,8 @@ def main(args: argparse.Namespace) -> dict:
         rec = {
             "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt, "step_cpu_time": time.process_time() - c0,
             "frac_zero_var": float((rewards.view(-1, G).std(-1) == 0).float().mean()),
+            "frac_all_wrong": float((rewards.view(-1, G).max(-1).values == 0).float().mean()),  # the sparse part of frac_zero_var
+            "tok_term_abs_mean": tok_term_abs, "seq_adv_abs_mean": seq_adv_abs,
             "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~finished).float().mean()),
             # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
             "policy_entropy": float(-old_logp[mask].mean()),
