@@ -776,14 +776,17 @@ def main(args: argparse.Namespace) -> dict:
         # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
         #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
         zeroed_n = [0]  # official recipe: u tokens zeroed by the u-clip, summed over the micro-batches
+        term_abs = [0.0]  # sum of |A_{i,t} - A_seq_i| over valid tokens (issue 15: the token term's size), over the micro-batches
 
         def token_adv(idx, u, m):  # rows idx (n,) LongTensor, u and m (n, Tm) -> A_{i,t} (n, Tm)
             if args.recipe == "official":  # per whole row: lam_rows[idx] gives these rows' values
                 lam_i = None if lam_rows is None else lam_rows[idx]  # (n,)
                 a, z = antisd.official_token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam_i, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)
                 zeroed_n[0] += int(z.sum())
-                return a
-            return antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
+            else:
+                a = antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
+            term_abs[0] += float(((a - seq_adv[idx].float()[:, None]).abs() * m).sum())
+            return a
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
@@ -830,7 +833,7 @@ def main(args: argparse.Namespace) -> dict:
                    "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
                    "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
         # the token term's size next to A_seq's (issue 15): mean |adv - A_seq| and mean |A_seq| over the step's valid tokens
-        tok_term_abs = D.sum(float(((adv - seq_adv.float()[:, None]).abs() * mask).sum())) / num_tokens
+        tok_term_abs = D.sum(term_abs[0]) / num_tokens
         seq_adv_abs = D.sum(float((seq_adv.float().abs() * lengths).sum())) / num_tokens
         if D.dp_size > 1:  # FSDP: gather every rank's rows (rank order = the step's batch), so the record is the step's
             rewards, lengths, finished = D.gather(rewards), D.gather(lengths), D.gather(finished)
