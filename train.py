@@ -460,7 +460,7 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick
         shutil.rmtree(tmp, ignore_errors=True)
     D.barrier()
     try:
-        _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final)
+        _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final, pick)
     except Exception as e:  # disk full, quota, I/O error: say which, leave no temp dir
         raise SystemExit(runs.write_failed(f"checkpoint-{step}", e, args.out, cleanup=tmp if D.is_main else None)) from e
     if D.is_main:
@@ -469,7 +469,7 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick
     return final
 
 
-def _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final) -> None:
+def _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final, pick=None) -> None:
     dist_lib.save_model(model, tokenizer, tmp, D)
     opt_state = dist_lib.save_optimizer(opt, tmp, D)  # the state dict in one process, None when sharded on disk
     samplers = D.gather_object(gen.get_state())  # FSDP: every data-parallel rank's own sampling stream
