@@ -19,7 +19,9 @@ the lab's warm start) is first written by rank 0 to a scratch directory and load
 Every rank sees the SAME prompts and must sample the SAME tokens: the sampler's generator has
 the same seed on every rank, and all-reduce / all-gather hand every rank bit-identical results,
 so the logits, and so the tokens, agree; `Dist.check_same` verifies it every step (a checksum,
-one tiny all-reduce) and fails loudly otherwise. Gradients are DTensors (sharded) or plain
+one tiny all-reduce) and fails loudly otherwise. Host-side work that need not agree (grading runs
+under a wall-clock timeout; the teacher prompts) runs on rank 0 alone and is broadcast
+(`Dist.from_main`), so every rank trains on the same rewards. Gradients are DTensors (sharded) or plain
 tensors (the RMSNorm weights, identical on every rank), so `clip_grad_norm_` below counts a
 sharded gradient's square sum over the mesh and a replicated one once (and `backward` works
 around a transformers gradient-accumulation bug for q_norm / k_norm). Saving: every rank calls
