@@ -171,11 +171,11 @@ def one_correct_per_group(train_mod=train):
     marked finished and graded correct for the first rollout of every group, incorrect for the
     rest: every group has one correct peer, every row a full-length teacher context. Also used
     by tests/test_train.py and tests/test_cuda.py."""
-    real_sample, real_grade = train_mod.sample_in_waves, train_mod.Task.grade
+    real_sample, real_grade = train_mod.sample, train_mod.Task.grade
     G = {}
 
-    def sample_in_waves(model, prompts, *, n, rows, **kw):
-        r = real_sample(model, prompts, n=n, rows=rows, **kw)
+    def sample(model, prompts, *, n, **kw):
+        r = real_sample(model, prompts, n=n, **kw)
         G["n"] = n
         r.finished[::n] = True  # (N,) the first rollout of each group "emitted its EOS" at its length
         return r
@@ -183,11 +183,11 @@ def one_correct_per_group(train_mod=train):
     def grade(self, texts, answers):
         return [1.0 if i % G["n"] == 0 else 0.0 for i in range(len(texts))]
 
-    train_mod.sample_in_waves, train_mod.Task.grade = sample_in_waves, grade
+    train_mod.sample, train_mod.Task.grade = sample, grade
     try:
         yield
     finally:
-        train_mod.sample_in_waves, train_mod.Task.grade = real_sample, real_grade
+        train_mod.sample, train_mod.Task.grade = real_sample, real_grade
 
 
 
