@@ -71,14 +71,14 @@ def _assert_greedy_equal(model, tok, ours, n, T):
     assert same >= 0.75 * ref.shape[0], f"only {same} of {ref.shape[0]} rows equal generate"
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_greedy_bf16_equals_generate_also_from_train_mode_with_grad_ckpt(fast):
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_greedy_bf16_equals_generate_also_from_train_mode_with_grad_ckpt(page_size):
     model, tok = _sharp_bf16()
-    r = sample(model, PROMPTS, n=2, max_new_tokens=16, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, fast=fast)
+    r = sample(model, PROMPTS, n=2, max_new_tokens=16, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=page_size)
     _assert_greedy_equal(model, tok, r.tokens, 2, 16)
     model.gradient_checkpointing_enable()
     model.train()  # item 2: what train.py's periodic eval used to sample from
-    r2 = sample(model, PROMPTS, n=2, max_new_tokens=16, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, fast=fast)
+    r2 = sample(model, PROMPTS, n=2, max_new_tokens=16, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=page_size)
     assert model.training and torch.equal(r2.tokens, r.tokens)
 
 

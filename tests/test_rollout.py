@@ -199,8 +199,8 @@ def test_greedy_eager_attention_matches_generate(sharp):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_train_mode_with_gradient_checkpointing_samples_like_eval_mode(fast):
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_train_mode_with_gradient_checkpointing_samples_like_eval_mode(page_size):
     """Issue 10 item 2: transformers <= 5.22's GradientCheckpointingLayer drops the KV cache when
     the model is in train mode with gradient checkpointing on (train.py evaluates right after an
     update); sample() must decode exactly as in eval mode and give the model back in its mode.
@@ -213,7 +213,7 @@ def test_train_mode_with_gradient_checkpointing_samples_like_eval_mode(fast):
     ref = _generate(model, tok, PROMPTS, 2, 10)
     model.gradient_checkpointing_enable()
     model.train()
-    r = sample(model, PROMPTS, n=2, max_new_tokens=10, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, fast=fast)
+    r = sample(model, PROMPTS, n=2, max_new_tokens=10, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=page_size)
     assert model.training  # restored
     assert torch.equal(r.tokens, ref)
 
