@@ -1,36 +1,43 @@
-"""rollout.py: our own batched sampler with a KV cache (the dominant cost of RL).
+"""rollout.py: our sampler (the dominant cost of RL): a paged KV cache with continuous batching.
 
     rollout = sample(model, prompts, n=8, max_new_tokens=512, temperature=1.0,
-                     eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+                     eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, generator=gen)
     rollout.tokens (N, T), rollout.lengths (N,), rollout.finished (N,), rollout.logprobs (N, T)
 
 Why not `model.generate`: we need per-token log-probs of exactly the distribution we sampled
-from, ragged prompts, per-row stop, a seeded generator, and no per-token host sync; and we
-want finished rows to stop costing compute. The loop is short enough to read:
+from, ragged prompts, per-row stop, seeded sampling, and the KV memory of a row only while it
+lives. The engine, in the spirit of vLLM / nano-vllm, in plain PyTorch over the HF model:
 
-  1. prefill: left-pad the B distinct prompts (position ids count real tokens only, so a
-     padded row starts at position 0 exactly like an unpadded one), run them once, and
-     repeat the KV cache n times (prompt-major rows: the n samples of prompt 0 first).
-     Prefilling each prompt once instead of n times saves (n-1)/n of the prefill.
-  2. decode: one token per step for every live row, sampled on-device from
-     softmax(logits / temperature) (optionally top-k / top-p filtered) by the Gumbel-max
-     trick on uniforms drawn from `generator` for all N rows every step (so a row's tokens
-     do not depend on when finished rows were dropped: the same seed, the same tokens);
-     a row that emits an EOS is finished: its EOS is part of the response and counted in
-     its length, and it emits `pad_token_id` afterwards.
-  3. every `prune_every` steps (the only host syncs) we look at which rows finished: stop if
-     all did, and drop finished rows from the batch and the KV cache when enough of them
-     did, so long-tail rows do not drag the whole batch along.
-
-Speed (bench/README.md has the numbers): for decoders whose layers are all full attention
-(Qwen3, Qwen3-MoE, Llama) under sdpa or eager attention, the KV cache is preallocated to
-its final length (`_SlabLayer`: one column written per step, where DynamicCache's torch.cat
-copies the whole cache every step, O(T^2) bytes per rollout), and the attention mask is
-one preallocated 4D additive bias sliced per step (HF returns a 4D mask as-is instead of
-rebuilding it from the 2D mask every step). Per-step bookkeeping writes a column of a
-buffer that holds only the live rows; results go back to their original rows only when
-rows are dropped and at the end. Other models (sliding-window layers, flash attention)
-take the plain path: DynamicCache and the 2D mask.
+  1. Paged KV cache (paged.py): one pool per layer of fixed-size pages, sized by `kv_tokens`
+     (train.py passes the memory plan's KV budget). A row holds a page table; it takes a page
+     when it grows past one and returns its pages the moment it finishes. The n samples of a
+     prompt share the prompt's pages (reference counts); the partly filled last page is
+     copied for samples 2..n at admission (they would all write into it on their first step).
+  2. Continuous batching (`Scheduler`, host-side, no tensors): every step, admit waiting
+     prompts (all n samples of a prompt together) while pages and `max_rows` allow and
+     prefill them (packed: the admitted prompts are concatenated into one row with a
+     block-diagonal causal mask, so ragged prompts cost no padding); then sample one token
+     for every live row, free the rows that finished, make sure every other row has a slot
+     for its next token (if the pool is empty, PREEMPT the newest rows: drop their pages and
+     re-prefill them later from prompt + tokens so far), and run one decode forward.
+  3. Sampling that does not depend on the schedule: row r's draw at response position t is
+     u = uniforms(seed, r, t), a counter-based hash (no generator state), and the token is
+     the inverse CDF of u over the temperature-scaled, top-k / top-p filtered distribution.
+     So which rows share a step, the page size, the budget and preemption change nothing:
+     the same seed gives the same tokens (tests/test_rollout.py checks it against the old
+     sampler kept there as the slow twin). `generator` only supplies the seed: one 63-bit
+     draw per call, so consecutive calls differ and a saved generator state resumes exactly.
+     Up to float noise: a row's logits are computed in batches of different sizes under
+     different schedules (and a preempted row's context is recomputed by a prefill), which
+     can move the last bits; a token flips only if u lands within that noise of a CDF
+     boundary (~1e-6 per token), and log-probs agree to ~1e-6.
+  4. Attention (paged.py): the reference path gathers each row's pages into a dense
+     (A, H, S, D) context and runs the model's own sdpa / eager attention with a length
+     mask. A fast path that reads the pages in place (FlexAttention with a page table) is
+     not written yet (see bench/README.md).
+     Hooked in through transformers' public extension points only: a `Cache` subclass, a
+     prepared 4D mask (returned as-is by transformers' mask builders, 5.17-5.24) and explicit
+     `position_ids`.
 
 Log-probs: `logprobs[i, t]` is log softmax(logits / temperature)[token] of the FULL
 temperature-scaled distribution (before top-k / top-p), which is what the training loss
@@ -38,24 +45,22 @@ assumes (SPEC section 5 pitfall). With top-p < 1 the tokens come from the trunca
 distribution, so these are not the sampling probabilities; the paper trains with top-p = 1.
 Greedy (temperature = 0) reports log-probs at temperature 1.
 
-Shapes: B prompts, n samples each, N = B * n rows, A live rows (A <= N), P prompt length
-(padded), T = max_new_tokens, V vocabulary.
+Host syncs: one per decode step (the sampled tokens, to see EOS and free pages at once).
+
+Shapes: B prompts, n samples each, N = B * n rows (prompt-major: the n samples of prompt 0
+first), A live rows (A <= max_rows), T = max_new_tokens, V vocabulary, ps page size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
-try:  # the layer-type helper DynamicCache itself uses; without it, take the plain path
-    from transformers.cache_utils import get_layer_types_and_kwargs
-except ImportError:  # pragma: no cover
-    get_layer_types_and_kwargs = None
-
-from model import left_pad, positions_from_mask
+from paged import PagedCache, PagePool, additive_mask
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Rollout:
     lengths: torch.Tensor  # (N,) long, response lengths (an emitted EOS counts)
     finished: torch.Tensor  # (N,) bool, True if the row emitted an EOS (False = truncated)
     logprobs: torch.Tensor  # (N, T) fp32, sampler's log-prob of each token (0 past length)
+    stats: dict = field(default_factory=dict)  # the engine's schedule: decode calls, live rows, preemptions, ...
 
     def mask(self) -> torch.Tensor:
         """(N, T) bool, True on response tokens: built from lengths, never from token ids."""
@@ -72,6 +78,45 @@ class Rollout:
 
     def to_lists(self) -> list[list[int]]:
         return [row[:L].tolist() for row, L in zip(self.tokens.cpu(), self.lengths.cpu().tolist())]
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling: counter-based uniforms and the inverse CDF.
+# ---------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding
+    uint32 values. The multipliers are odd and < 2^31, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x297A2D39) & _M32
+    return x ^ (x >> 15)
+
+
+def uniforms(seed: int, rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One uniform in [0, 1) per (seed, row, t), float64 with 53 random bits. rows, t (A,) long.
+
+    A pure function of its arguments: the draw of row r at response position t is the same
+    whatever else runs, which is what makes the engine's tokens schedule-independent."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    h = _mix32((rows & _M32) ^ lo)
+    h = _mix32(h ^ hi)
+    h = _mix32((h + (t & _M32)) & _M32)
+    h1 = _mix32(h ^ 0x68E31DA4)
+    h2 = _mix32(h1 ^ 0x1B56C4E9)
+    return ((h1 << 21) + (h2 >> 11)).double() * 2.0**-53  # (A,)
+
+
+def seed_from(generator: torch.Generator | None) -> int:
+    """The call's seed: one draw from `generator` (torch's default generator when None)."""
+    dev = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=dev))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -90,81 +135,246 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. logits (A, V), u (A, V) uniforms in [0, 1) (None when greedy)
+    """Pick one token per row. logits (A, V), u (A,) uniforms in [0, 1) (None when greedy)
     -> tokens (A,), logprobs (A,) under the full temperature-scaled distribution.
 
-    Sampling is the Gumbel-max trick, argmax(log p + G) with G = -log(-log U): an exact sample
-    from p, also after top-k / top-p (dropped tokens have log p = -inf, and renormalising is a
-    per-row shift that does not move the argmax). A different random stream from
-    torch.multinomial (which draws exponentials, 6x slower than uniforms on CPU); the same
-    generator seed still gives the same tokens.
+    Inverse-CDF sampling: with p the filtered, unnormalised probabilities in vocabulary order
+    and c their running sum (float64), the token is the first index with c > u * c[-1]: an
+    exact sample of p / sum(p). Tokens with p = 0 (filtered out) are never picked: they do
+    not raise c. The min with the last index of positive p guards u * c[-1] rounding up to c[-1].
     """
     logits = logits.float()
     logp_full = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (A, V)
     if temperature == 0:
         tok = logits.argmax(-1)  # (A,)
     else:
-        logp = filter_logits(logp_full, top_k, top_p)  # (A, V) log-probs rank like logits
-        gumbel = u.log().neg_().log_().neg_()  # (A, V) -log(-log U); U = 0 gives -inf: never picked
-        tok = (logp + gumbel).argmax(-1)  # (A,) no host sync
+        p = filter_logits(logp_full, top_k, top_p).exp()  # (A, V) fp32, 0 outside top-k / top-p
+        c = p.double().cumsum(-1)  # (A, V)
+        total = c[:, -1:]  # (A, 1)
+        tok = torch.minimum((c <= u[:, None] * total).sum(-1), (c < total).sum(-1))  # (A,) no host sync
     return tok, logp_full.gather(-1, tok[:, None]).squeeze(-1)
 
 
-class _SlabLayer(DynamicLayer):
-    """One layer's KV cache, preallocated to its final length (prompt + max_new_tokens).
+# ---------------------------------------------------------------------------------------
+# The scheduler: host-side bookkeeping of rows and pages (no tensors, no model).
+# ---------------------------------------------------------------------------------------
 
-    DynamicLayer appends with torch.cat, which copies the whole cache every step; here a step
-    writes one column and attention reads a view of the filled prefix.
-    Buffers (A, H, S_max, D); `keys` / `values` are views (A, H, S, D) of the first S columns.
+
+class Scheduler:
+    """Which rows run, their pages, admission and preemption (module docstring, 1-2).
+
+    Row r = b * n + j is sample j of prompt b. Per row: `pages[r]` (its page table),
+    `ctx[r]` (tokens whose K/V are in its pages), `length[r]` (response tokens sampled).
+    `waiting` holds ("group", b) for prompts not started and ("row", r) for preempted rows
+    (at the front: they resume first). `running` lists the live rows in admission order.
+    The engine calls, per step: admit() -> prefill those items; sampled(...) after sampling a
+    token for every running row; grow() to give every running row a slot for its next token;
+    then one decode forward over `running`. bench/bench_sampler.py drives it without a model.
     """
 
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.filled = capacity, 0
+    def __init__(self, prompt_lens: list[int], n: int, max_new_tokens: int, *, num_pages: int, page_size: int,
+                 max_rows: int, prefill_tokens: int = 4096, reserve: float = 0.01):  # fmt: skip
+        if page_size < 1 or max_rows < n or prefill_tokens < 1:
+            raise ValueError(f"Scheduler: bad budget page_size={page_size} max_rows={max_rows} (must be >= n={n}) prefill_tokens={prefill_tokens}")
+        self.P, self.n, self.T, self.ps = list(prompt_lens), n, max_new_tokens, page_size
+        self.max_rows, self.prefill_tokens = max_rows, prefill_tokens
+        # One row at full length (prompt + T - 1 fed tokens: the last token is never fed) and
+        # one group's admission must each fit in an empty pool, or the run could never finish.
+        need = max(max(self.pages_for(P + max_new_tokens - 1), self._group_pages(P)) for P in self.P)
+        if num_pages < need:
+            raise ValueError(f"rollout: the KV budget of {num_pages} pages x {page_size} tokens cannot hold one row "
+                             f"(longest prompt {max(self.P)} + {max_new_tokens} new tokens, {n} samples sharing it needs {need} pages): "
+                             f"raise kv_tokens or lower max_new_tokens")  # fmt: skip
+        self.pool = PagePool(num_pages)
+        self.reserve = int(reserve * num_pages)  # free pages kept back when admitting (fewer preemptions right after)
+        N = len(self.P) * n
+        self.pages: list[list[int]] = [[] for _ in range(N)]
+        self.ctx, self.length, self.done = [0] * N, [0] * N, [False] * N
+        self.waiting: deque[tuple[str, int]] = deque(("group", b) for b in range(len(self.P)))
+        self.running: list[int] = []
+        self.stats = dict(decode_calls=0, decode_rows=0, prefill_calls=0, prefill_tokens=0, preemptions=0, max_live_rows=0,
+                          peak_pages=0, num_pages=num_pages, page_size=page_size)  # fmt: skip
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        A, H, _, D = key_states.shape
-        self.kbuf = key_states.new_empty(A, H, self.capacity, D)
-        self.vbuf = value_states.new_empty(A, H, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.ps)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        s, e = self.filled, self.filled + key_states.shape[-2]
-        assert e <= self.capacity, f"_SlabLayer: {e} tokens exceed capacity {self.capacity}"
-        self.kbuf[:, :, s:e] = key_states
-        self.vbuf[:, :, s:e] = value_states
-        self.filled = e
-        self._views()
-        return self.keys, self.values
+    def _group_pages(self, P: int) -> int:  # the prompt's pages once + a copy of a partial last page per extra sample
+        return self.pages_for(P) + (self.n - 1) * (P % self.ps != 0)
 
-    def _views(self) -> None:
-        self.keys, self.values = self.kbuf[:, :, : self.filled], self.vbuf[:, :, : self.filled]
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
-            self._views()
+    def admit(self) -> list[tuple[list[int], int, list[tuple[int, int]]]]:
+        """Admit waiting items while rows, pages and the prefill token budget allow.
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.kbuf, self.vbuf = self.kbuf.index_select(0, indices), self.vbuf.index_select(0, indices)
-            self._views()
+        Returns [(rows, feed, copies)]: the rows that start (n of a new prompt, or one
+        preempted row), the tokens to prefill for them (the prompt, or prompt + its tokens so
+        far; the first row's page table maps them), and the (src, dst) pages to copy after
+        the prefill (the shared partial last page). The rows join `running` in this order."""
+        items, tokens = [], 0
+        while self.waiting:
+            kind, i = self.waiting[0]
+            rows = [i * self.n + j for j in range(self.n)] if kind == "group" else [i]
+            P = self.P[rows[0] // self.n]
+            feed = P + (0 if kind == "group" else self.length[i])
+            need = self._group_pages(P) if kind == "group" else self.pages_for(feed)
+            reserve = self.reserve if self.running else 0
+            if len(self.running) + len(rows) > self.max_rows or need + reserve > self.pool.n_free:
+                break
+            if items and tokens + feed > self.prefill_tokens:
+                break
+            self.waiting.popleft()
+            first = self.pool.take(self.pages_for(feed))
+            self.pages[rows[0]], copies = first, []
+            for r in rows[1:]:  # other samples of a new prompt: share the full pages, copy a partial one
+                full = first[: P // self.ps]
+                self.pool.share(full)
+                self.pages[r] = full + (self.pool.take(1) if P % self.ps else [])
+                if P % self.ps:
+                    copies.append((first[-1], self.pages[r][-1]))
+            for r in rows:
+                self.ctx[r] = feed
+            self.running.extend(rows)
+            items.append((rows, feed, copies))
+            tokens += feed
+        if items:
+            self.stats["prefill_calls"] += 1
+            self.stats["prefill_tokens"] += tokens
+            self._note()
+        return items
+
+    def sampled(self, stops: list[bool]) -> list[int]:
+        """Every running row sampled one token; stops[i]: running[i] emitted an EOS. Rows that
+        stopped or reached max_new_tokens finish and return their pages. Returns the finished rows."""
+        assert len(stops) == len(self.running)
+        out, keep = [], []
+        for r, stop in zip(self.running, stops):
+            self.length[r] += 1
+            if stop or self.length[r] == self.T:
+                self.done[r] = True
+                self.pool.release(self.pages[r])
+                self.pages[r] = []
+                out.append(r)
+            else:
+                keep.append(r)
+        self.running = keep
+        return out
+
+    def grow(self) -> list[int]:
+        """Give every running row a slot for position ctx (its next token), oldest rows first;
+        when no page is free, preempt the newest row (possibly the one asking). Returns the
+        preempted rows (they wait at the front of the queue with their tokens so far)."""
+        preempted, i = [], 0
+        self.new_pages: list[tuple[int, int, int]] = []  # (row, index in its table, page) taken here
+        while i < len(self.running):
+            r = self.running[i]
+            if self.ctx[r] == len(self.pages[r]) * self.ps:  # its pages are full: it needs one more
+                if self.pool.n_free == 0:
+                    victim = self.running.pop()
+                    self.pool.release(self.pages[victim])
+                    self.pages[victim] = []
+                    preempted.append(victim)
+                    self.waiting.appendleft(("row", victim))
+                    self.stats["preemptions"] += 1
+                    continue  # retry row i (unless it was the victim: then the loop ends)
+                self.pages[r].append(self.pool.take(1)[0])
+                self.new_pages.append((r, len(self.pages[r]) - 1, self.pages[r][-1]))
+            i += 1
+        self._note()
+        return preempted
+
+    def decoded(self) -> None:
+        """One decode forward fed the running rows' last tokens."""
+        for r in self.running:
+            self.ctx[r] += 1
+        self.stats["decode_calls"] += 1
+        self.stats["decode_rows"] += len(self.running)
+
+    def _note(self) -> None:
+        self.stats["max_live_rows"] = max(self.stats["max_live_rows"], len(self.running))
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], self.pool.num_pages - self.pool.n_free)
+
+    def slot(self, r: int, pos: int) -> int:
+        return self.pages[r][pos // self.ps] * self.ps + pos % self.ps
 
 
-def _fast_path_ok(model) -> bool:
-    """Preallocated cache + our own 4D mask are exact only if every layer is full (causal) attention
-    and the attention function takes an additive 4D mask (sdpa, eager)."""
-    if get_layer_types_and_kwargs is None:
-        return False
+def simulate(prompt_lens: list[int], n: int, lengths: list[int], max_new_tokens: int, **budget) -> dict:
+    """Run the Scheduler alone on known response lengths (row r stops after lengths[r] tokens,
+    an EOS, or at max_new_tokens): the schedule a real run with those lengths gets. Returns its stats."""
+    s = Scheduler(prompt_lens, n, max_new_tokens, **budget)
+    while s.busy:
+        s.admit()
+        s.sampled([s.length[r] + 1 >= lengths[r] for r in s.running])
+        s.grow()
+        if s.running:
+            s.decoded()
+    s.pool.check_whole()
+    return s.stats
+
+
+# ---------------------------------------------------------------------------------------
+# The engine: the scheduler's decisions as forwards of the HF model.
+# ---------------------------------------------------------------------------------------
+
+
+def _cache_kw(model) -> str:
+    """The forward's cache argument: `cache` from transformers 5.24, `past_key_values` before (5.17-5.23
+    ignore `cache=`; 5.24 accepts both but warns on the old name)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _check_model(model) -> None:
     cfg = model.config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(cfg)
-    return all(lt == "full_attention" for lt in layer_types) and cfg._attn_implementation in ("sdpa", "eager")
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    if any(t != "full_attention" for t in types):
+        raise NotImplementedError(f"rollout: the paged engine handles full-attention decoders only; this model has layer types {sorted(set(types))}")
+    if cfg._attn_implementation not in ("sdpa", "eager"):
+        raise NotImplementedError(f"rollout: the paged engine's reference path needs sdpa or eager attention, the model uses {cfg._attn_implementation!r}")
+
+
+def default_kv_tokens(model, rows: int, row_tokens: int, page_size: int, device: torch.device) -> int:
+    """KV budget when the caller gives none: enough for every row at full length (whole pages),
+    capped on CUDA by 90% of the memory free now (minus the sampler's (rows, V) buffers)."""
+    want = rows * -(-row_tokens // page_size) * page_size
+    if device.type != "cuda":
+        return want
+    cfg = model.config.get_text_config(decoder=True)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * next(model.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(want, int(0.9 * free - rows * 24 * cfg.vocab_size) // per_token))
+
+
+def _decode_step(model, cache: PagedCache, cache_kw: str, last, pos, read, write, mask) -> torch.Tensor:
+    """One decode forward, the part `compile=` hands to torch.compile: last (A,) tokens at
+    positions pos (A,), context pages read (A, S/ps), new slots write (A,), additive mask
+    (A, 1, 1, S) -> next-token logits (A, V)."""
+    cache.read, cache.write = read, write
+    out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache})
+    return out.logits[:, -1]
+
+
+def _in_eval_mode(fn):
+    """Run fn(model, ...) with the model in eval mode, then restore its mode. NOTE: transformers
+    <= 5.22's GradientCheckpointingLayer drops the KV cache whenever the model is in train mode
+    with gradient checkpointing on (decoding then runs without a cache: wrong tokens), and
+    train.py's periodic evaluation follows an update; sampling is never a training forward."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapped
 
 
 @torch.no_grad()
+@_in_eval_mode
 def sample(
     model,
     prompts: list[list[int]],
@@ -177,101 +387,121 @@ def sample(
     eos_token_ids,
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    prune_every: int = 16,
-    prune_frac: float = 0.25,
-    fast: bool | None = None,
+    kv_tokens: int | None = None,
+    page_size: int = 16,
+    max_rows: int | None = None,
+    prefill_tokens: int = 4096,
+    compile: str | None = None,
 ) -> Rollout:
     """Sample n responses for each prompt (rows prompt-major). See the module docstring.
 
     prompts: B token-id lists (any lengths, no padding). eos_token_ids: int or list of ints.
-    generator: a torch.Generator on the model's device; the same seed gives the same tokens.
-    prune_every: steps between host syncs (stop check, dropping finished rows).
-    prune_frac: drop finished rows once they are at least this fraction of the live batch.
-    fast: preallocated KV cache + prebuilt mask (None = whenever the model allows it; False
-        forces the plain DynamicCache path, which the tests compare against).
+    generator: supplies the seed (one draw per call); the same generator state, the same tokens.
+    kv_tokens: size of the paged KV pool in tokens (rounded down to whole pages); default:
+        every row at full length, capped on CUDA by the free memory (train.py passes the
+        memory plan's budget). page_size: tokens per page.
+    max_rows: rows decoding at once (default: all N). prefill_tokens: tokens per packed
+        prefill call (one item may exceed it alone).
+    compile: a torch.compile backend for the decode step ("inductor"; the test uses
+        "aot_eager" to keep compile time small), None = eager. Shapes are dynamic (A and S
+        change every step), so it compiles once per sample() call, not per batch size.
     """
     if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or max_new_tokens < 1 or n < 1:
         raise ValueError(f"sample: bad arguments temperature={temperature} top_p={top_p} top_k={top_k} max_new_tokens={max_new_tokens} n={n}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("sample: empty prompt list or an empty prompt (every prompt needs at least one token)")
+    _check_model(model)
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     eos = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), dtype=torch.long, device=device)
     B, T = len(prompts), max_new_tokens
     N = B * n
-    if fast is None:
-        fast = _fast_path_ok(model)
+    seed = seed_from(generator) if temperature > 0 else 0
+    max_rows = N if max_rows is None else max_rows
+    if kv_tokens is None:
+        kv_tokens = default_kv_tokens(model, N, max(map(len, prompts)) + T, page_size, device)
+    sched = Scheduler([len(p) for p in prompts], n, T, num_pages=max(1, kv_tokens // page_size), page_size=page_size,
+                      max_rows=max_rows, prefill_tokens=prefill_tokens)  # fmt: skip
+    ps = page_size
+    cache_kw = _cache_kw(model)
+    step = _decode_step if compile is None else torch.compile(_decode_step, backend=compile, dynamic=True)
+    cache = PagedCache(model.config.get_text_config(decoder=True).num_hidden_layers, sched.pool.num_pages, ps)
+    # page tables of all rows on the host, (N, pages of a full row); a decode step copies the live rows' part over
+    page_table = torch.zeros(N, sched.pages_for(max(map(len, prompts)) + T), dtype=torch.long)
 
-    # --- 1) prefill the B distinct prompts once, then repeat the cache n times ---
-    ids, pmask = left_pad(prompts, pad_token_id, device)  # (B, P)
-    P = ids.shape[1]
-    if fast:
-        cache = Cache(layers=[_SlabLayer(P + T) for _ in range(model.config.get_text_config(decoder=True).num_hidden_layers)])
-    else:
-        cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=pmask.long(), position_ids=positions_from_mask(pmask), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]  # (B, V)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)  # (N, V)
-        pmask = pmask.repeat_interleave(n, dim=0)  # (N, P)
-    pos = pmask.sum(-1, keepdim=True)  # (N, 1) position of the first response token = real prompt length
-    # Attention mask over [prompt | generated]: generated columns are always attended (a
-    # finished row's later tokens are never read by anyone but itself).
-    if fast:
-        # additive bias (N, 1, 1, P+T): 0 = attend, dtype-min = masked (left padding); step t
-        # uses the first P+t+1 columns. Eager adds it to the scores; sdpa takes it as attn_mask.
-        dtype = next(model.parameters()).dtype
-        attn = torch.zeros(N, 1, 1, P + T, dtype=dtype, device=device)
-        attn[:, 0, 0, :P].masked_fill_(~pmask, torch.finfo(dtype).min)
-    else:
-        attn = torch.cat([pmask.long(), torch.ones(N, T, dtype=torch.long, device=device)], dim=1)  # (N, P+T)
+    def set_pages(r):
+        page_table[r, : len(sched.pages[r])] = torch.tensor(sched.pages[r], dtype=torch.long)
 
-    # --- 2) decode ---
-    # Results for all N rows, filled from the live-row buffers below when rows are dropped
-    # and at the end.
-    tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)  # (N, T)
+    tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)  # (N, T) results
     logprobs = torch.zeros(N, T, dtype=torch.float32, device=device)  # (N, T)
-    lengths = torch.zeros(N, dtype=torch.long, device=device)  # (N,)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    # Live rows only (A of them): a step writes column t directly, no index_put per step.
-    rows = torch.arange(N, device=device)  # (A,) live row -> original row
-    a_tok, a_lp = tokens.clone(), logprobs.clone()  # (A, T)
-    a_len, a_done = lengths.clone(), finished.clone()  # (A,)
+    logits = None  # (A, V) next-token logits of the running rows, in `sched.running` order
+    last = None  # (A,) the token each running row feeds next
 
-    def flush():  # copy the live rows' results to their original rows
-        tokens[rows], logprobs[rows], lengths[rows], finished[rows] = a_tok, a_lp, a_len, a_done
+    def prefill(items):
+        """One packed forward over the items' feeds: (1, sum feed) tokens, block-diagonal causal mask."""
+        ids, pos, seg, write = [], [], [], []
+        for k, (rows, feed, _) in enumerate(items):
+            r = rows[0]
+            b = r // n
+            ids += prompts[b] + (tokens[r, : sched.length[r]].tolist() if feed > len(prompts[b]) else [])
+            pos += range(feed)
+            seg += [k] * feed
+            write += [sched.slot(r, p) for p in range(feed)]
+            for r2 in rows:
+                set_pages(r2)
+        S = len(ids)
+        seg_t, pos_t = torch.tensor(seg, device=device), torch.tensor(pos, device=device)  # (S,)
+        allowed = (seg_t[:, None] == seg_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # (S, S) same item, causal
+        cache.write, cache.read = torch.tensor(write, device=device), None
+        ends = torch.tensor([0] + [f for _, f, _ in items], device=device).cumsum(0)[1:] - 1  # last position of each item
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=pos_t[None], attention_mask=additive_mask(allowed[None], dtype),
+                    use_cache=True, logits_to_keep=ends, **{cache_kw: cache})  # fmt: skip
+        cache.copy_pages([s for it in items for s, _ in it[2]], [d for it in items for _, d in it[2]])
+        reps = torch.tensor([len(rows) for rows, _, _ in items], device=device)
+        return out.logits[0].repeat_interleave(reps, dim=0)  # (rows admitted, V): a prompt's n samples share its logits
 
-    for t in range(T):
-        u = None
-        if temperature > 0:
-            # Uniforms for all N rows, live or not, then the live ones: a row's random stream
-            # does not depend on when other rows were dropped, so prune_every is only a speed knob.
-            u = torch.rand((N, logits.shape[-1]), generator=generator, device=device)  # (N, V)
-            u = u if rows.numel() == N else u[rows]  # (A, V)
+    def decode(live, last):
+        """One token for each running row: write its K/V at position ctx, attend to 0..ctx."""
+        ctx = [sched.ctx[r] for r in live]
+        pos = torch.tensor(ctx, device=device)  # (A,)
+        S = sched.pages_for(max(ctx) + 1) * ps  # whole pages
+        read = page_table[live, : S // ps].to(device)  # (A, S / ps) pages past a row's end hold 0: masked below
+        write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
+        allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
+        return step(model, cache, cache_kw, last, pos, read, write, additive_mask(allowed[:, None], dtype))  # (A, V)
+
+    while sched.busy:
+        # --- admit waiting prompts (and preempted rows) and prefill them ---
+        items = sched.admit()
+        if items:
+            new = prefill(items)
+            logits = new if logits is None else torch.cat([logits, new])
+        # --- sample one token for every running row ---
+        rows = sched.running[:]
+        rows_t = torch.tensor(rows, device=device)  # (A,)
+        t_t = torch.tensor([sched.length[r] for r in rows], device=device)  # (A,) response position
+        u = uniforms(seed, rows_t, t_t) if temperature > 0 else None
         tok, lp = _next_token(logits, temperature, top_k, top_p, u)  # (A,), (A,)
-        tok = tok.masked_fill(a_done, pad_token_id)  # rows finished before this step emit pad
-        a_tok[:, t] = tok
-        a_lp[:, t] = lp.masked_fill(a_done, 0.0)
-        a_len += (~a_done).long()
-        a_done |= torch.isin(tok, eos)
-        if t == T - 1:
-            break
-        # --- 3) the only host sync: stop, or drop finished rows from batch and cache ---
-        if (t + 1) % prune_every == 0:
-            n_live = int((~a_done).sum())
-            if n_live == 0:
-                break
-            if rows.numel() - n_live >= prune_frac * rows.numel():
-                flush()
-                keep = (~a_done).nonzero().squeeze(-1)  # (A',)
-                cache.batch_select_indices(keep)
-                rows, tok, pos, attn = rows[keep], tok[keep], pos[keep], attn[keep]
-                a_tok, a_lp, a_len, a_done = a_tok[keep], a_lp[keep], a_len[keep], a_done[keep]
-        out = model(
-            input_ids=tok[:, None],
-            attention_mask=attn[..., : P + t + 1],  # (A, 1, 1, P+t+1) fast, else (A, P+t+1)
-            position_ids=pos + t,  # (A, 1)
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]  # (A, V)
-    flush()
-    return Rollout(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs)
+        tokens[rows_t, t_t] = tok
+        logprobs[rows_t, t_t] = lp
+        stops = torch.isin(tok, eos).tolist()  # the step's one host sync
+        # --- finished rows return their pages; the others get a slot (or are preempted) ---
+        sched.sampled(stops)
+        sched.grow()
+        if not sched.running:
+            logits = None
+            continue
+        for r, j, p in sched.new_pages:
+            page_table[r, j] = p
+        idx = {r: i for i, r in enumerate(rows)}
+        keep = torch.tensor([idx[r] for r in sched.running], device=device)  # survivors, in order
+        logits = decode(sched.running, tok[keep])
+        sched.decoded()
+    sched.pool.check_whole()
+    lengths = torch.tensor(sched.length, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    ended = lengths > 0
+    finished[ended] = torch.isin(tokens[ended].gather(1, (lengths[ended] - 1)[:, None]).squeeze(1), eos)
+    logprobs.masked_fill_(torch.arange(T, device=device)[None] >= lengths[:, None], 0.0)
+    stats = dict(sched.stats, mean_live_rows=sched.stats["decode_rows"] / max(1, sched.stats["decode_calls"]))
+    return Rollout(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs, stats=stats)

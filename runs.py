@@ -23,12 +23,15 @@ The rules (issue 16), each a function below:
   leaves no temp dir and no half line.
 - `Stop`: Ctrl-C, SIGTERM (timeout, docker stop, a cluster's preemption) and OUT/STOP all mean
   "finish this step, save, exit non-zero" (exit codes in `Stop.EXIT`).
+- `scoped`: train.main gives back its signal handlers and its lock however it ends (an error,
+  a full disk), so an in-process caller (tests, study.py) keeps a working Ctrl-C and can rerun.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -70,14 +73,11 @@ def lock(out: str) -> None:
     """Hold OUT/.lock (an exclusive flock) for this process, or exit naming who holds it.
 
     The kernel drops the lock when the process ends, however it ends (kill -9 included), so a
-    stale .lock file never blocks a resume. A lock this process already holds belongs to an
-    earlier train.main here that ended with an exception (tests, study.py --jobs 1): taken over.
+    stale .lock file never blocks a resume.
     """
     try:
         os.makedirs(out, exist_ok=True)
         path = os.path.realpath(os.path.join(out, ".lock"))
-        if path in _HELD:
-            _HELD.pop(path).close()
         f = open(path, "a+")
     except OSError as e:
         raise SystemExit(f"train.py: --out {out}: cannot write there ({e.strerror or e}); pick another --out") from None
@@ -310,11 +310,13 @@ class Stop:
     """
 
     EXIT = {None: 0, "SIGINT": 130, "SIGTERM": 143, "STOP": 75}  # 128 + signal; 75 = EX_TEMPFAIL
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, out: str):
         self.reason: str | None = None
         self.file = os.path.join(out, "STOP")
-        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        _STOPS.append(self)
 
     def _on_signal(self, signum, frame) -> None:
         if self.reason is None:
@@ -331,8 +333,50 @@ class Stop:
         """Restore the previous handlers; remove the STOP file that was obeyed."""
         for s, h in self._old.items():
             signal.signal(s, h)
+        if self in _STOPS:
+            _STOPS.remove(self)
         if self.reason == "STOP":
             try:
                 os.remove(self.file)
             except FileNotFoundError:
                 pass
+
+
+_STOPS: list[Stop] = []  # the Stop objects whose handlers are installed in this process
+
+
+def _after_fork_in_child() -> None:
+    """A process forked from a training run (grading.py's worker pool) gets the handlers the run
+    replaced: "finish the step" means nothing there, and a pool must be able to SIGTERM a stuck
+    worker (a Python-level handler would only set a flag, and the pool would wait for ever). It
+    also lets go of the run's lock: a worker that outlives the run must not keep --out locked."""
+    for stop in reversed(_STOPS):
+        for s, h in stop._old.items():
+            signal.signal(s, h)
+    _STOPS.clear()
+    for f in _HELD.values():
+        f.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def scoped(main):
+    """Decorator for train.main: whatever way it ends, the signal handlers it installed (Stop)
+    are restored and the run-directory locks it took are released."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        handlers = {s: signal.getsignal(s) for s in Stop.SIGNALS}
+        locks = set(_HELD)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            _STOPS.clear()
+            for path in set(_HELD) - locks:
+                _HELD.pop(path).close()
+
+    return wrapper

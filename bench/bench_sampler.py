@@ -1,7 +1,18 @@
-"""bench_sampler.py: our sampler (rollout.sample) vs HF `model.generate`, tokens/s.
+"""bench_sampler.py: our sampler (rollout.sample, the paged engine) vs the previous sampler and HF
+`model.generate`, tokens/s; and the engine's scheduling report (no model needed).
 
     python bench/bench_sampler.py --preset 10m --rows 64 --n 8 --new-tokens 128 --rounds 5 --threads 1
-    python bench/bench_sampler.py --preset 4b --rows 64 --new-tokens 1024 --rounds 2   # CUDA only
+    python bench/bench_sampler.py --preset 4b --rows 256 --n 8 --new-tokens 1024 --rounds 2   # CUDA only
+    python bench/bench_sampler.py --schedule     # scheduling report: 256 rollouts, lognormal lengths, 80 GB plan
+
+Scheduling report (--schedule, CPU, seconds): Qwen3-4B's memory plan on an 80 GB card
+(memory.plan, AdamW offloaded while sampling) gives the KV budget; 256 rollouts (32 prompts
+x 8, 256-token prompts) get response lengths from a lognormal (median 1.5K, sigma 0.75: mean
+~2K) capped at --new-tokens (8,192 and 16,384), and rollout.simulate runs the engine's
+scheduler on them. Printed: decode forward calls, mean and peak live rows per call,
+preemptions, and the ideal max(longest, total tokens / rows, KV token-steps / KV budget).
+
+The old sampler (bench/old_sampler.py, the pre-engine rollout.py) is timed too ("old").
 
 Both samplers get the same model, the same prompts and the same rows (B = rows / n distinct
 prompts, each repeated n times, prompt-major), the same max_new_tokens and the same sampling
@@ -41,6 +52,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: model, rollout
 from model import build_tiny_tokenizer, left_pad, load, tiny_config  # noqa: E402
 from rollout import sample  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import old_sampler  # noqa: E402  the pre-engine sampler, the baseline
 
 # Qwen3 shapes at ~10M and ~50M parameters (on top of model.TINY_CONFIG; vocabulary 569).
 SHAPES = {
@@ -90,7 +104,41 @@ def rollout_bytes_gb(model, N: int, P: int, T: int) -> float:
     return (T * w_bytes + kv_bytes) / 1e9
 
 
+def schedule_report(args) -> dict:
+    """The engine's schedule at the paper's shape under the 80 GB plan (module docstring)."""
+    import memory
+    from transformers import AutoConfig
+
+    import model as model_lib
+
+    kw = model_lib._rope(model_lib.REAL_CONFIGS["Qwen/Qwen3-4B-Instruct-2507"])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    out = {}
+    for gpu, gib in (("80GB", 79.6), ("141GB", 139.8)):
+        for T in (8192, 16384):
+            p = memory.plan(cfg, gpu_bytes=int(gib * memory.GiB), rows=256, prompt_len=256, new_tokens=T, group=8)
+            lens = memory.lognormal_lengths(256, median=1500, sigma=0.75, cap=T, seed=args.seed)
+            st = memory.concurrent_rows(p, lens, prompt_len=256, page_size=args.page_size)
+            out[f"{gpu}_{T}"] = dict(kv_tokens=p.kv_tokens, worst_case_rows=p.sample_rows, **st)
+            print(f"{gpu:5s} {T:5d} new: KV {p.kv_tokens} tokens ({p.kv_tokens * p.kv_per_token / memory.GiB:.1f} GiB), worst case {p.sample_rows} rows | "
+                  f"lengths mean {st['mean_length']:.0f} longest {st['longest']} | decode calls {st['decode_calls']} = {st['ratio_to_ideal']:.3f}x ideal "
+                  f"{st['ideal_decode_calls']} | live rows mean {st['mean_live_rows']:.1f} peak {st['max_live_rows']} | preemptions {st['preemptions']}")  # fmt: skip
+    tight = memory.plan(cfg, gpu_bytes=int(79.6 * memory.GiB), rows=256, prompt_len=256, new_tokens=8192, group=8, offload=False)
+    lens = memory.lognormal_lengths(256, median=1500, sigma=0.75, cap=8192, seed=args.seed)
+    st = memory.concurrent_rows(tight, lens, prompt_len=256, page_size=args.page_size)
+    out["80GB_8192_resident"] = dict(kv_tokens=tight.kv_tokens, worst_case_rows=tight.sample_rows, **st)
+    print(f"80GB  8192 new, AdamW resident (--keep-optim-on-gpu): KV {tight.kv_tokens} tokens, worst case {tight.sample_rows} rows | decode calls "
+          f"{st['decode_calls']} = {st['ratio_to_ideal']:.3f}x ideal {st['ideal_decode_calls']} | live rows mean {st['mean_live_rows']:.1f} peak {st['max_live_rows']} | preemptions {st['preemptions']}")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(args=vars(args), schedule=out), f, indent=1)
+        print(f"wrote {args.out}")
+    return out
+
+
 def main(args):
+    if args.schedule:
+        return schedule_report(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.preset == "4b" and device.type != "cuda":
@@ -110,10 +158,10 @@ def main(args):
     P = ids.shape[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run_ours(new_tokens, fast=None):
+    def run_ours(new_tokens, fn=sample, **kw):
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        r = sample(model, prompts, n=args.n, max_new_tokens=new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
-                   eos_token_ids=[], pad_token_id=tok.pad_token_id, generator=gen, fast=fast)  # fmt: skip
+        r = fn(model, prompts, n=args.n, max_new_tokens=new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
+               eos_token_ids=[], pad_token_id=tok.pad_token_id, generator=gen, **kw)  # fmt: skip
         return int(r.lengths.sum())
 
     def run_generate(new_tokens):
@@ -124,9 +172,7 @@ def main(args):
         assert out.shape == (N, P + new_tokens), out.shape  # no early stop: every row made new_tokens tokens
         return N * new_tokens
 
-    runs = {"ours": run_ours, "generate": run_generate}
-    if args.also_plain:  # ablation: our loop on DynamicCache + the 2D mask (sample(fast=False))
-        runs["ours-plain"] = lambda new_tokens: run_ours(new_tokens, fast=False)
+    runs = {"ours": lambda t: run_ours(t, page_size=args.page_size), "old": lambda t: run_ours(t, fn=old_sampler.sample), "generate": run_generate}
     for f in runs.values():  # warm-up (allocator, kernels, lazy imports), untimed
         f(min(8, T))
     results = {k: [] for k in runs}
@@ -160,9 +206,10 @@ def main(args):
     print(f"medians:    ours {med['ours']:.1f} tok/s  generate {med['generate']:.1f} tok/s  ratio {ratio_med:.2f}x  (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
     if device.type == "cpu":
         print(f"process CPU time, best round: generate / ours = {cpu_ratio:.2f}x")
-    if args.also_plain:
-        plain = max(x["tok_per_s"] for x in results["ours-plain"])
-        print(f"ablation: ours-plain (DynamicCache + 2D mask) best {plain:.1f} tok/s = {plain / best['generate']:.2f}x generate")
+    old_ratio = best["ours"] / best["old"]
+    old_cpu = min(o["cpu_s"] for o in results["old"]) / min(o["cpu_s"] for o in results["ours"])
+    summary.update(ratio_vs_old=old_ratio, cpu_time_ratio_vs_old=old_cpu if device.type == "cpu" else None)
+    print(f"vs the old sampler: best rounds ours / old = {old_ratio:.2f}x" + (f", process CPU time old / ours = {old_cpu:.2f}x" if device.type == "cpu" else ""))
 
     peak = args.peak_gbps
     if peak is None and device.type == "cuda":
@@ -191,7 +238,8 @@ if __name__ == "__main__":
     # measurement
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, each runs ours then generate")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core box, 2 threads swing run times 20x)")
-    p.add_argument("--also-plain", action="store_true", help="also time our loop on the plain path (DynamicCache, 2D mask: sample(fast=False))")
+    p.add_argument("--page-size", type=int, default=16, help="KV page size of the engine, tokens")
+    p.add_argument("--schedule", action="store_true", help="only the scheduling report (no model, CPU, seconds); see the docstring")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth peak in GB/s for the floor estimate (default: guessed for H100/H200/A100, none on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for the model weights, prompts and sampling")

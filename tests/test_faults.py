@@ -171,6 +171,31 @@ def test_two_live_runs_in_one_directory(tmp_path):
     run(out, "--steps", "1")  # the kernel dropped the dead holder's lock: a stale .lock file blocks nothing
 
 
+def test_a_failed_run_gives_back_its_handlers_and_lock_and_forks_get_the_defaults(tmp_path, monkeypatch):
+    import multiprocessing as mp
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+
+    def fork_now(*a, **k):  # grading.py forks a worker pool in the middle of a step, like this
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=lambda: q.put((signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, len(train.runs._HELD))))
+        p.start()
+        seen.append(q.get(timeout=60))
+        p.join()
+        raise OSError(errno.EIO, "Input/output error")  # then the run fails
+
+    monkeypatch.setattr(train.dist_lib, "save_model", fork_now)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", "--steps", "1")
+    assert "could not write checkpoint-1" in str(e.value) and "Input/output error" in str(e.value)
+    assert seen == [(True, 0)]  # the forked worker: default SIGTERM, no lock
+    assert {s: signal.getsignal(s) for s in before} == before and not train.runs._HELD
+    monkeypatch.undo()
+    run(tmp_path / "other", "--steps", "1")  # and this process can run again
+
+
 def test_resume_keeps_the_runs_flags_and_refuses_changed_ones(tmp_path):
     out = tmp_path / "run"
     run(out, "--steps", "2", "--method", "grpo", "--save-every", "1")
@@ -325,7 +350,6 @@ def test_disk_full_on_a_real_tmpfs(tmp_path):
         _check_after_a_failed_save(out, e, 1)
         shutil.copytree(out, tmp_path / "moved")  # room elsewhere: the run goes on from checkpoint-1
     finally:
-        train.runs.unlock(str(out))  # (the failed run's lock, still open in this process)
         if subprocess.run(["umount", str(mnt)]).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)])  # never leave the mount behind
     run(tmp_path / "moved", "--resume")
