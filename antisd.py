@@ -288,8 +288,10 @@ def teacher_prompts(
     correct (the caller passes "\\boxed{answer}" for answer-only datasets).
     max_solution_tokens: token budget of the solution, keeping its end (None: no limit).
     enable_thinking: passed to the chat template only when not None; use the student's.
-    generator: torch.Generator for the choice among correct rollouts (None: torch's global
-    RNG, the usual torch convention; pass one for reproducible runs).
+    generator: a CPU torch.Generator for the choice among correct rollouts (None: torch's global
+    RNG, the usual torch convention; pass one for reproducible runs). The choice is made on the
+    host, so the generator must live there: a CUDA generator with a CPU draw raises on the first
+    correct rollout (train.py keeps a CPU generator for it apart from the sampler's, issue 10).
 
     For rollout i of group g:
       solution = strip_think(a uniformly chosen correct rollout j != i of group g), else
@@ -310,6 +312,8 @@ def teacher_prompts(
                                         max_solution_tokens=max_solution_tokens, enable_thinking=enable_thinking)  # fmt: skip
     if recipe != "paper":
         raise ValueError(f"teacher_prompts: unknown recipe {recipe!r}; expected one of {RECIPES}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"teacher_prompts: the peer choice is drawn on the host; pass a CPU torch.Generator, not one on {generator.device}")
     N, T = responses.shape
     G = int(group_size)
     B = len(user_texts)
@@ -334,7 +338,7 @@ def teacher_prompts(
         for i in rows:
             others = [j for j in sols if j != i]  # never rollout i itself
             if others:
-                k = int(torch.randint(len(others), (1,), generator=generator))
+                k = int(torch.randint(len(others), (1,), generator=generator, device="cpu"))
                 solution = sols[others[k]]
             else:
                 if ref is None:

@@ -235,6 +235,22 @@ def check_local(name: str) -> None:
         raise FileNotFoundError(f"load: model directory {name!r} does not exist")  # a hub id is "org/name"
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the generation config's (Qwen3's lists
+    151645 <|im_end|> and 151643 <|endoftext|>). Training and evaluation both stop on these (issue
+    10: training once stopped on the tokenizer's alone, so a row ending in <|endoftext|> ran on to
+    the length cap and scored 0)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    ids.discard(None)
+    return sorted(ids)
+
+
 def save(model, tokenizer, path: str) -> None:
     """HF-format checkpoint (safetensors) from the raw module, never a compiled/wrapped one."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; save the underlying module
