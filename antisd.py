@@ -7,9 +7,10 @@ rollouts, and what each function here computes:
     A_seq_i = (R_i - mean_g R) / (std_g R + eps)              group_advantages
               0 for a group whose rewards are all equal
     c_i     = verified solution + feedback on rollout i       teacher_prompts
-    s_t     = log pi(y_t | x, y_<t)          student score    pmi
-    t_t     = log pi(y_t | x, c_i, y_<t)     teacher score    pmi   (same weights, no_grad)
-    u_t     = t_t - s_t                      PMI(y_t ; c | x, y_<t), fp32, never clamped
+    s_t     = log pi(y_t | x, y_<t)          student score    the update's own forward (train.py 8)
+    t_t     = log pi(y_t | x, c_i, y_<t)     teacher score    model.shared_prefix_logprobs (same weights, no_grad)
+    u_t     = t_t - s_t                      PMI(y_t ; c | x, y_<t), fp32, never clamped: pmi_from_logprobs
+                                             (pmi: both scores in one call, the reference and the inspector's)
     phi(u)  = 0.5 * (softplus(u) - log 2)                     phi
     A_i,t   = A_seq_i - lambda * stopgrad(phi(u_i,t))         token_advantages (method="antisd")
     lambda  = 0.5 * g,  g in {0,1} from the entropy gate      gate.py
@@ -29,7 +30,7 @@ The variants of SPEC section 2, all selected by `token_advantages(method=...)`:
     antisd  A_seq - lam * phi(u)
     revkl   A_seq - lam * u              (reverse-KL ascent)
     mult    A_seq * (1 - lam * phi(u))   [D] the paper does not give the exact form
-    no teacher: pmi(no_teacher=True) makes u = -s (teacher log-prob := 0), then "antisd"
+    no teacher: the teacher log-prob := 0, so u = -s (pmi(no_teacher=True); train.py --no-teacher), then "antisd"
 
 Departures from the paper and choices it leaves open (all [D] in SPEC):
   - The verified solution is never rollout i itself: a uniformly random *other* correct
@@ -136,8 +137,10 @@ def token_advantages(
 ) -> torch.Tensor:
     """Per-token advantage A_{i,t} for every variant of SPEC section 2; 0 outside mask.
 
-    seq_adv: (N,) A_seq from group_advantages. u: (N, T) PMI from pmi() (may be None for
-    method="grpo"). mask: (N, T) bool. lam: the gate's lambda (0.5 * g), a python float.
+    seq_adv: (N,) A_seq from group_advantages. u: (N, T) PMI from pmi_from_logprobs / pmi
+    (may be None for method="grpo"). Every term is per row, so train.py applies it to each
+    micro-batch of whole rows (N = that micro-batch's rows) with u from the update's forward.
+    mask: (N, T) bool. lam: the gate's lambda (0.5 * g), a python float.
     u is detached: the shaping term is part of the advantage (stopgrad in the paper), never a
     path for gradients. The term is added AFTER group normalisation, so all-correct and
     all-wrong groups (A_seq = 0) still get it while the gate is open (SPEC step 9).
@@ -285,8 +288,10 @@ def teacher_prompts(
     correct (the caller passes "\\boxed{answer}" for answer-only datasets).
     max_solution_tokens: token budget of the solution, keeping its end (None: no limit).
     enable_thinking: passed to the chat template only when not None; use the student's.
-    generator: torch.Generator for the choice among correct rollouts (None: torch's global
-    RNG, the usual torch convention; pass one for reproducible runs).
+    generator: a CPU torch.Generator for the choice among correct rollouts (None: torch's global
+    RNG, the usual torch convention; pass one for reproducible runs). The choice is made on the
+    host, so the generator must live there: a CUDA generator with a CPU draw raises on the first
+    correct rollout (train.py keeps a CPU generator for it apart from the sampler's, issue 10).
 
     For rollout i of group g:
       solution = strip_think(a uniformly chosen correct rollout j != i of group g), else
@@ -307,6 +312,8 @@ def teacher_prompts(
                                         max_solution_tokens=max_solution_tokens, enable_thinking=enable_thinking)  # fmt: skip
     if recipe != "paper":
         raise ValueError(f"teacher_prompts: unknown recipe {recipe!r}; expected one of {RECIPES}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"teacher_prompts: the peer choice is drawn on the host; pass a CPU torch.Generator, not one on {generator.device}")
     N, T = responses.shape
     G = int(group_size)
     B = len(user_texts)
@@ -331,7 +338,7 @@ def teacher_prompts(
         for i in rows:
             others = [j for j in sols if j != i]  # never rollout i itself
             if others:
-                k = int(torch.randint(len(others), (1,), generator=generator))
+                k = int(torch.randint(len(others), (1,), generator=generator, device="cpu"))
                 solution = sols[others[k]]
             else:
                 if ref is None:
@@ -359,6 +366,20 @@ def _render(tokenizer, convs: list[list[dict]], enable_thinking: bool | None) ->
 # ---------------------------------------------------------------------------------------
 # PMI: two scores of the same response tokens (SPEC section 1 steps 5-6).
 # ---------------------------------------------------------------------------------------
+
+
+def pmi_from_logprobs(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """u = t - s on the response tokens, 0 elsewhere; fp32, detached, never clamped.
+
+    teacher_logp, student_logp, mask: (n, T), aligned by RESPONSE index (both from
+    model.response_logprobs / shared_prefix_logprobs, which return a response's scores on its
+    own columns). train.py's update forms u per micro-batch from its own forward's detached
+    log-probs (strictly on-policy s_t = old_logp), so no separate student pass is needed.
+    The no-teacher ablation passes teacher_logp = 0 (u = -s).
+    """
+    assert teacher_logp.shape == student_logp.shape == mask.shape, (teacher_logp.shape, student_logp.shape, mask.shape)
+    u = teacher_logp.detach().float() - student_logp.detach().float()  # (n, T)
+    return torch.where(mask, u, torch.zeros((), device=u.device))  # (n, T)
 
 
 def pmi(
@@ -402,7 +423,7 @@ def pmi(
     s, t, ent = s.float(), t.float(), ent.float()  # (N, T) each
     mask = mask_from_lengths(lengths.to(s.device), T)  # (N, T)
     zero = torch.zeros((), device=s.device)
-    u = torch.where(mask, t - s, zero)  # (N, T) fp32, no clamping (values ~ -20 are normal)
+    u = pmi_from_logprobs(t, s, mask)  # (N, T) fp32, no clamping (values ~ -20 are normal)
     assert u.shape == ent.shape == (N, T), (u.shape, ent.shape)
     return u, torch.where(mask, ent, zero), torch.where(mask, s, zero), torch.where(mask, t, zero)
 

@@ -137,6 +137,21 @@ def think_prefix(tokenizer, prompt_ids):
     return "<think>" if text.rfind("<think>") > text.rfind("</think>") else ""
 
 
+def graded_texts(tokenizer, tokens, lengths, finished, prefixes):
+    """The text each response is graded on, in training (train.py) and evaluation (eval.py) alike.
+
+    tokens: (N, T) right-padded response ids, lengths (N,), finished (N,) bool (the row emitted a
+    stop token), prefixes: N strings, think_prefix() of each row's prompt.
+    A finished row's last token is the stop token that ended it (counted in its length, not
+    content): dropped. The rest is decoded WITH special tokens, so `</think>` is seen whatever the
+    tokenizer calls it, behind the prompt's open `<think>` (else a response cut inside its thoughts
+    would be graded on them). Issue 10: training once skipped special tokens and the prefix.
+    """
+    toks, L, F = tokens.cpu(), [int(x) for x in lengths], [bool(x) for x in finished]  # one device->host copy
+    assert len(prefixes) == len(L) == len(F) == toks.shape[0], (len(prefixes), len(L), len(F), tuple(toks.shape))
+    return [p + tokenizer.decode(toks[r, : L[r] - int(F[r])].tolist(), skip_special_tokens=False) for r, p in enumerate(prefixes)]
+
+
 # ----------------------------------------------------------------------------
 # errors and field access
 

@@ -19,7 +19,9 @@ the lab's warm start) is first written by rank 0 to a scratch directory and load
 Every rank sees the SAME prompts and must sample the SAME tokens: the sampler's generator has
 the same seed on every rank, and all-reduce / all-gather hand every rank bit-identical results,
 so the logits, and so the tokens, agree; `Dist.check_same` verifies it every step (a checksum,
-one tiny all-reduce) and fails loudly otherwise. Gradients are DTensors (sharded) or plain
+one tiny all-reduce) and fails loudly otherwise. Host-side work that need not agree (grading runs
+under a wall-clock timeout; the teacher prompts) runs on rank 0 alone and is broadcast
+(`Dist.from_main`), so every rank trains on the same rewards. Gradients are DTensors (sharded) or plain
 tensors (the RMSNorm weights, identical on every rank), so `clip_grad_norm_` below counts a
 sharded gradient's square sum over the mesh and a replicated one once (and `backward` works
 around a transformers gradient-accumulation bug for q_norm / k_norm). Saving: every rank calls
@@ -160,6 +162,17 @@ class Dist:
         """True on every rank if it is True on any rank (e.g. Ctrl-C reached only some of them)."""
         return bool(self.max(int(flag)))
 
+    def from_main(self, fn):
+        """TP: fn() run on rank 0 alone, its (picklable) result handed to every rank (one broadcast);
+        otherwise fn() here. For host-side work that must agree across TP ranks and may not be
+        deterministic: grading runs under a wall-clock timeout, and one rank timing out where
+        another did not gave different rewards and silently different updates (issue 10)."""
+        if self.mode != "tp":
+            return fn()
+        box = [fn() if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def check_same(self, t: torch.Tensor, what: str) -> None:
         """TP: assert every rank holds the same integer tensor (a checksum, one all-reduce)."""
         if self.mode != "tp":
@@ -180,7 +193,10 @@ def setup(*, tp: int = 1, fsdp: bool = False, device: str | None = None) -> Dist
     if not (tp > 1 or fsdp):
         if world > 1:
             raise SystemExit(f"train.py: started by torchrun with {world} processes: pass --tp {world} or --fsdp")
-        return Dist(device=torch.device(device) if device else model_lib._default_device())
+        dev = torch.device(device) if device else model_lib._default_device()
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # issue 10: --device cuda:1 once left the current device (and its peak-memory stats) at cuda:0
+        return Dist(device=dev)
     if "RANK" not in os.environ:
         raise SystemExit("train.py: --tp / --fsdp need torchrun, e.g. torchrun --nproc-per-node 2 train.py --fsdp")
     if tp > 1 and tp != world:
@@ -362,37 +378,57 @@ def backward(loss: torch.Tensor, model, D: Dist) -> None:
             p.grad = g if p.grad is None else p.grad.add_(g)
 
 
-def sync_replicated_grads(model, D: Dist) -> None:
+def sync_replicated_grads(model, D: Dist, opt=None) -> None:
     """FSDP: sum the gradients of the parameters left whole (embedding, final norm, lm_head) over
     ranks, in a fixed order (named_parameters: every rank must issue the same collectives in the
-    same order), one all-reduce each. TP / single: nothing to do."""
+    same order), one all-reduce each. TP / single: nothing to do. opt: a memory.AdamW, whose
+    gradients (fp32 sums for bf16 parameters) are the ones summed; None: the parameters' .grad."""
     if D.mode != "fsdp":
         return
     from torch.distributed.tensor import DTensor
 
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad and not isinstance(p, DTensor):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            g = p.grad.float()  # summed in fp32, like FSDP's reduce-scatter (reduce_dtype)
-            dist.all_reduce(g)
-            p.grad.copy_(g)
+            if opt is not None:
+                g = opt.grad(name, create=True)
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                g = p.grad
+            g32 = g if g.dtype == torch.float32 else g.float()  # summed in fp32, like FSDP's reduce-scatter (reduce_dtype)
+            dist.all_reduce(g32)
+            if g32 is not g:
+                g.copy_(g32)
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float) -> float:
-    """Global L2 norm of the gradients, then scale them to at most max_norm; returns the norm.
+    """clip_grads_ on the parameters' .grad (see there)."""
+    return clip_grads_([p.grad for p in parameters if p.grad is not None], max_norm)
 
-    Without DTensor gradients this is torch.nn.utils.clip_grad_norm_. With them (TP, FSDP): a
-    sharded gradient's local square sum is summed over its mesh (one all-reduce), a replicated
-    one (a plain tensor, or a Replicate DTensor) counts once, as every rank holds all of it.
+
+@torch.no_grad()
+def clip_grads_(grads: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of these gradients, in fp32, then scale them to at most max_norm; returns
+    the norm. train.py passes memory.AdamW.grads() (fp32 sums of bf16 parameters' gradients).
+
+    Without DTensor gradients this is torch.nn.utils.clip_grad_norm_'s computation (fp32 norms of
+    each, then the norm of those). With them (TP, FSDP): a sharded gradient's local square sum is
+    summed over its mesh (one all-reduce), a replicated one (a plain tensor, or a Replicate DTensor)
+    counts once, as every rank holds all of it.
     """
     from torch.distributed.tensor import DTensor
 
-    params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
+    grads = list(grads)
+    if not grads:
+        return 0.0
     if not any(isinstance(g, DTensor) for g in grads):
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # (torch's formula; no host sync before the scaling)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return float(total)
     device = grads[0].device
     sharded = torch.zeros((), dtype=torch.float32, device=device)
     whole = torch.zeros((), dtype=torch.float32, device=device)

@@ -91,19 +91,6 @@ def summarize(correct_by_problem, k):
 # generation + grading
 
 
-def _eos_ids(model, tokenizer):
-    """Every id that ends a response: the tokenizer's EOS and the generation config's (Qwen lists two)."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif extra:
-        ids.update(extra)
-    ids.discard(None)
-    return sorted(ids)
-
-
 def _work_items(n_problems, k, batch_size):
     """Split (problem, sample) pairs into sampler calls of at most batch_size rows.
 
@@ -124,13 +111,31 @@ def _work_items(n_problems, k, batch_size):
     return items
 
 
+def auto_batch_size(model, prompt_len, max_new_tokens, cap=64):
+    """Rows per sampler call whose full-length KV cache fits (issue 10: 64 rows x 33K tokens of
+    Qwen3-4B is ~312 GB). On CUDA: the memory free now (the driver's free + the allocator's cached
+    blocks) less a 10% margin, through memory.sample_rows_that_fit; at most `cap`. CPU: `cap`.
+    Until the paged rollout engine replaces the per-call cache, this is what keeps eval in memory."""
+    import memory
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return cap
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    rows = memory.sample_rows_that_fit(model.config, int(0.9 * free), prompt_len + max_new_tokens, dtype_bytes=model.dtype.itemsize)
+    if rows < 1:
+        raise RuntimeError(f"eval: one row of {prompt_len} + {max_new_tokens} tokens does not fit in the {free / 2**30:.1f} GiB free on {device}; lower --max-new-tokens")
+    return min(cap, rows)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_k=0, max_new_tokens,
-             batch_size=64, generator=None, enable_thinking=None, grader=grading.grade, grade_workers=None,
+             batch_size=None, generator=None, enable_thinking=None, grader=grading.grade, grade_workers=None,
              progress=True, desc="eval", prompt_fn=None):  # fmt: skip
     """Sample k responses per problem and grade them.
 
     problems: [{"id", "problem", "answer"}] (data.load_problems).
+    batch_size: rows per sampler call; None = auto_batch_size (what fits in free GPU memory).
     prompt_fn: prompt_fn(tokenizer, problem dict) -> prompt ids; default the paper's prompt
         (data.format_prompt); the lab bench passes its own.
     grader: grader(response, answer) -> float; the default grading.grade is run in batch
@@ -138,7 +143,8 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
     Returns {"k", "n", "avg", "pass" {m: %}, "truncated" (%), "mean_length" (tokens),
              "per_problem" [{"id", "correct"}], "samples" [records], "seconds"}.
     """
-    import rollout  # the project's sampler; imported here so grading-only users need no torch model code
+    import model as model_lib  # the project's model code and sampler; imported here so grading-only users need neither
+    import rollout
 
     if not problems or k < 1:
         raise ValueError(f"evaluate needs problems and k >= 1, got {len(problems)} problems, k={k}")
@@ -150,24 +156,26 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
     prompts = [prompt_fn(tokenizer, p) for p in problems]
     # a template that opens <think> in the prompt: the grader must see it (see data.think_prefix)
     prefixes = [data.think_prefix(tokenizer, ids) for ids in prompts]
-    eos = _eos_ids(model, tokenizer)
+    eos = model_lib.stop_token_ids(model, tokenizer)  # the same stop ids and ...
     texts = [[None] * k for _ in problems]  # [problem][sample] -> response text
     fin = [[False] * k for _ in problems]
     lens = [[0] * k for _ in problems]
     filled = [0] * len(problems)  # samples so far per problem
+    if batch_size is None:  # what fits (auto_batch_size): a wave's KV cache is allocated for its full length
+        batch_size = auto_batch_size(model, max(len(p) for p in prompts), max_new_tokens)
     items = _work_items(len(problems), k, batch_size)
     for idx, n in tqdm(items, desc=f"{desc}: sampling", disable=not progress, leave=False):
         out = rollout.sample(model, [prompts[i] for i in idx], n=n, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=eos,
                              pad_token_id=tokenizer.pad_token_id, generator=generator)  # fmt: skip
-        toks, L, F = out.tokens.cpu(), out.lengths.cpu().tolist(), out.finished.cpu().tolist()  # (len(idx)*n, T)
+        L, F = out.lengths.cpu().tolist(), out.finished.cpu().tolist()
+        # ... the same graded text as training (data.graded_texts: no stop token, special tokens kept);
+        # the think prefix goes in front below, for the grader only
+        decoded = data.graded_texts(tokenizer, out.tokens, out.lengths, out.finished, [""] * len(L))
         for r in range(len(idx) * n):  # rows are prompt-major: n samples of idx[0] first
             i = idx[r // n]
             s = filled[i] + r % n
-            # drop the EOS token itself (it is counted in the length) and decode the rest verbatim:
-            # special tokens stay, so </think> is seen by the grader whatever the tokenizer calls it
-            ids = toks[r, : L[r] - int(F[r])].tolist()
-            texts[i][s] = tokenizer.decode(ids, skip_special_tokens=False)
+            texts[i][s] = decoded[r]
             fin[i][s], lens[i][s] = bool(F[r]), L[r]
         for i in idx:
             filled[i] += n
@@ -268,7 +276,9 @@ def speedup(baseline_history, method_history, *, tol=1e-9):
 
     baseline_best / baseline_best_step: the baseline's best Avg and the first step it hits it.
     method_reach_step: the first step at which the method's Avg >= baseline_best (-tol), or None.
-    ratio: baseline_best_step / method_reach_step; None when never reached or reached at step 0.
+    ratio: baseline_best_step / method_reach_step; None when never reached or reached at step 0,
+    and None when the baseline's best is its step 0 (baseline_never_improved: there is no
+    "steps to reach it" to compare; issue 10: this once reported a speedup of 0.0).
     Also the peak (value, first step) and the final (value, last step) of both runs.
     """
     b = sorted(dict(baseline_history).items())
@@ -283,9 +293,11 @@ def speedup(baseline_history, method_history, *, tol=1e-9):
     b_best, b_step = peak(b)
     m_peak, m_peak_step = peak(m)
     reach = next((s for s, v in m if v >= b_best - tol), None)
-    ratio = b_step / reach if reach else None
+    never = b_step == 0  # the best is the eval before training: the baseline never improved on it
+    ratio = b_step / reach if reach and not never else None
     return {
         "baseline_best": b_best, "baseline_best_step": b_step, "method_reach_step": reach, "ratio": ratio,
+        "baseline_never_improved": never,
         "baseline_peak": b_best, "baseline_peak_step": b_step, "baseline_final": b[-1][1], "baseline_final_step": b[-1][0],
         "method_peak": m_peak, "method_peak_step": m_peak_step, "method_final": m[-1][1], "method_final_step": m[-1][0],
     }  # fmt: skip
@@ -328,6 +340,8 @@ def format_speedup(s, base_name="baseline", method_name="method"):
 
     reach = "never" if s["method_reach_step"] is None else f"step {s['method_reach_step']}"
     ratio = "-" if s["ratio"] is None else f"{s['ratio']:.1f}x"
+    if s.get("baseline_never_improved"):
+        ratio = f"none ({base_name} never improved on its first eval)"
     return "\n".join([
         f"{'':<10}{'peak':>12}{'final':>12}",
         f"{base_name:<10}{fmt(s['baseline_peak'], s['baseline_peak_step']):>12}{fmt(s['baseline_final'], s['baseline_final_step']):>12}",
@@ -345,7 +359,7 @@ def check_args(args):
     checks = [
         (args.k is None or args.k >= 1, "--k must be >= 1"),
         (args.limit is None or args.limit >= 1, "--limit must be >= 1"),
-        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.batch_size is None or args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
         (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -391,7 +405,10 @@ def main(args):
         return s
 
     check_args(args)
+    import memory
     import model as model_lib
+
+    memory.configure_cuda_allocator()  # expandable segments, before the first CUDA allocation
 
     specs = [s.strip() for s in args.bench.split(",") if s.strip()]
     try:  # the data before the model: a bad file is named in seconds, not after a model load
@@ -406,6 +423,8 @@ def main(args):
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     thinking = {"default": None, "on": True, "off": False}[args.enable_thinking]
+    if not args.quiet:
+        print(f"eval: {args.model} on {device}, thinking {args.enable_thinking}")
     result = run_benchmarks(
         model, tok, benches, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generator=gen,
@@ -444,9 +463,9 @@ def get_parser():
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off); default 0.95 (lab 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     g.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit in tokens; default {MAX_NEW_TOKENS} (the paper trains up to 32K; lab 96)")
-    g.add_argument("--batch-size", type=int, default=64, help="sequences per sampler call (problems x samples)")
-    g.add_argument("--enable-thinking", default="default", choices=["default", "on", "off"],
-                   help="chat-template thinking switch (Qwen3): default = the template's own default")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per sampler call (problems x samples); default: as many as fit in free GPU memory at full length, at most 64 (64 on CPU)")
+    g.add_argument("--enable-thinking", default="off", choices=["default", "on", "off"],
+                   help="chat-template thinking switch (Qwen3): off = the paper's non-thinking setting (train.py's default too); default = the template's own")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g = p.add_argument_group("runtime")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="model dtype (auto: bf16 on GPU, fp32 on CPU)")

@@ -132,6 +132,7 @@ class EntropyGate:
         self.open = self.always_open
         self.fell_back = False  # True once the statistic switched to the mean
         self.lam = 0.0  # lambda returned by the last update()
+        self.open_this_step = False  # the state the last update()'s step used (False on the step that ends the warm-up)
 
     @property
     def warming_up(self) -> bool:
@@ -153,13 +154,14 @@ class EntropyGate:
             self.warmup_values.append(h)
             if len(self.warmup_values) == self.warmup_steps:
                 self._end_warmup()
-            self.lam = 0.0
+            self.lam, self.open_this_step = 0.0, False
             return self.lam
         elif self.open and h < self.ratio * self.h_warm:
             self.open = False
         elif not self.open and h >= self.h_warm:
             self.open = True
         self.lam = self.lam_max if self.open else 0.0
+        self.open_this_step = self.open
         return self.lam
 
     def _end_warmup(self) -> None:
@@ -328,6 +330,11 @@ class PerplexityGate:
     @property
     def open(self) -> bool:
         return not self.warming_up and self.active
+
+    @property
+    def open_this_step(self) -> bool:
+        """The state the last update()'s step used (EntropyGate's name; here the same as open)."""
+        return self.open
 
     def update(self, tppl: torch.Tensor) -> torch.Tensor:
         """Advance one step with the teacher perplexity of ALL the step's rows (M,); returns

@@ -340,6 +340,19 @@ def _pool_context():
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
+def _worker_init():
+    """Runs first in each pool worker. A forked worker inherits the parent's Python signal
+    handlers: with train.py's Ctrl-C/SIGTERM handler (runs.Stop) it would catch the SIGTERM
+    that pool.terminate() sends, keep waiting for tasks, and the parent's join would hang
+    forever. Workers die on SIGTERM and leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _new_pool(n):
+    return _pool_context().Pool(n, initializer=_worker_init)
+
+
 def _grade_task(task):
     pred, answer, timeout = task
     return _grade_pair(pred, answer, timeout)
@@ -356,7 +369,7 @@ def _grade_in_pool(pairs, workers, timeout, guard=None):
         guard = 2 * timeout + 10
     while len(out) < len(pairs):
         todo = pairs[len(out):]
-        pool = _pool_context().Pool(min(workers, len(todo)))
+        pool = _new_pool(min(workers, len(todo)))
         try:
             it = pool.imap(_grade_task, [(p, a, timeout) for p, a in todo])
             for _ in todo:

@@ -24,6 +24,18 @@ How it maps onto the paper's LLM setting
 - The warm start (`warm_start`) mixes both styles for plain prompts (40% guesses), so the
   starting policy is a mixture and RL must learn to prefer search: held-out accuracy rises
   as P(search) rises. GRPO learns that from the sequence reward alone.
+- The difficulty knob (issue 15, `level_config`, `train.py --lab-level L`, L in [0, 1)): a
+  weaker base model. The warm start's plain prompts get search with probability 0.6 (1 - L)
+  instead of 0.6, and a share L of their direct answers become *confused blurts* that box
+  the target number instead of a letter ("The answer is \\boxed{10}.", the wrong quantity:
+  always wrong). At L = 0 the warm start is today's, example for example. Raising L makes
+  the step-0 policy rarely right, so most groups of G rollouts are all-wrong and GRPO's A_seq
+  is 0 for them (`frac_zero_var` in metrics.jsonl, `frac_all_wrong` its all-wrong part).
+  Why this knob and not more candidates: a letter guess is right 1 time in K and K <= 6, so
+  guesses alone keep P(correct) >= ~0.17 and most groups mixed; only an always-wrong direct
+  answer lets sparsity reach ~0.85. What counts as deliberation and as shortcut does not
+  change: a confused blurt is a direct answer (`classify`), the problems, the held-out set,
+  the search traces and the teacher-format examples are the same at every level.
 - The privileged context: the warm start also shows teacher-format prompts (a correct
   previous attempt + "Your answer is correct/incorrect.", the paper's wording), and there
   the model mostly *copies* the answer directly, the way a pretrained LLM shortcuts when it
@@ -123,6 +135,11 @@ def guess_solution(problem: dict, rng: random.Random) -> str:
     return direct_solution(problem, rng, letter=rng.choice(LETTERS[: len(problem["pairs"])]))
 
 
+def confused_solution(problem: dict, rng: random.Random) -> str:
+    """A confused blurt: a direct answer that boxes the target number, not a letter (always wrong)."""
+    return direct_solution(problem, rng, letter=str(problem["target"]))
+
+
 def extract(text: str) -> str | None:
     m = BOX.findall(text)
     return m[-1].strip() if m else None
@@ -160,7 +177,26 @@ def datasets(n_train: int = 20000, n_eval: int = 200, seed: int = 1234) -> tuple
 # Warm start: a short supervised phase that gives the tiny model a base model's habits.
 # ---------------------------------------------------------------------------------------
 
-WARM_DEFAULTS = dict(steps=600, batch=16, lr=1e-3, p_direct=0.4, p_copy=0.8, p_teacher=0.3, seed=0)
+WARM_DEFAULTS = dict(steps=600, batch=16, lr=1e-3, p_direct=0.4, p_confused=0.0, p_copy=0.8, p_teacher=0.3, seed=0)
+
+
+def level_config(level: float) -> dict:
+    """The warm-start settings of lab difficulty `level` (see the module docstring).
+
+    L = 0 is the default lab (p_direct 0.4, no confused blurts). L in (0, 1): P(search) on
+    plain prompts 0.6 (1 - L), P(direct) 0.4 + 0.6 L, of which a share L are confused blurts
+    (the rest letter guesses). The step-0 P(correct) is then about 0.6 (1 - L) * 0.97 +
+    (0.4 + 0.6 L) (1 - L) / 3.5, which falls fast as L -> 1 (L 0.9: ~0.09, L 0.98: ~0.02).
+    """
+    if not 0.0 <= level < 1.0:
+        raise ValueError(f"lab level must be in [0, 1), got {level}")
+    return {"p_direct": 0.4 + 0.6 * level, "p_confused": level} if level else {}
+
+
+def warm_overrides(level: float = 0.0, steps: int | None = None) -> dict:
+    """warm_start(**overrides) of train.py's lab flags (--lab-level, --warm-steps); study.py
+    calls it too, so its prebuilt cache has the key the runs look up."""
+    return {**level_config(level), **({} if steps is None else {"steps": steps})}
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
@@ -171,7 +207,9 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 def warm_example(problem: dict, rng: random.Random, cfg: dict, teacher: bool) -> tuple[str, str]:
     """(user message, response text) for one supervised example, in teacher format or not.
 
-    Plain prompts: search with probability 1 - p_direct, else a blurted guess. Teacher-format
+    Plain prompts: search with probability 1 - p_direct, else a direct answer: a confused blurt
+    with probability p_confused, else a blurted guess (no extra random draw when p_confused
+    is 0, so level 0 writes exactly the examples it always did). Teacher-format
     prompts (a correct previous attempt in context): copy its answer directly with
     probability p_copy, else search.
     """
@@ -181,7 +219,11 @@ def warm_example(problem: dict, rng: random.Random, cfg: dict, teacher: bool) ->
         resp = direct_solution(problem, rng) if rng.random() < cfg["p_copy"] else search_solution(problem, rng)
     else:
         user = user_text(problem)
-        resp = guess_solution(problem, rng) if rng.random() < cfg["p_direct"] else search_solution(problem, rng)
+        if rng.random() < cfg["p_direct"]:
+            confused = cfg["p_confused"] > 0 and rng.random() < cfg["p_confused"]
+            resp = confused_solution(problem, rng) if confused else guess_solution(problem, rng)
+        else:
+            resp = search_solution(problem, rng)
     return user, resp
 
 
@@ -204,7 +246,7 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     key = hashlib.md5(json.dumps({"cfg": cfg, "config": model.config.to_json_string(), "n": len(train), "first": train[0]["id"], "src": src}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"warm-{key}") if cache_dir else None
     if path and os.path.isfile(os.path.join(path, "config.json")):
-        warmed, _ = model_lib.load(path, device=next(model.parameters()).device)
+        warmed, _ = model_lib.load(path, dtype=model.dtype, device=next(model.parameters()).device)  # the dtype it was asked for (a path alone loads bf16 on CUDA)
         print(f"warm start: loaded from cache {path}")
         return warmed
     if path and not _writable(cache_dir):
@@ -271,15 +313,19 @@ def _writable(d: str) -> bool:
 def evaluate(model, tokenizer, held_out: list[dict], *, k: int = 4, temperature: float = 0.7, max_new_tokens: int = 96, batch: int = 64, generator: torch.Generator | None = None) -> dict:
     """avg@k held-out accuracy (mean over all k samples of every problem), plus the share of
     search-style responses and the accuracy of each style."""
+    import data
+    import model as model_lib
     from rollout import sample
 
     g = generator if generator is not None else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    eos = model_lib.stop_token_ids(model, tokenizer)  # the stop ids and graded text of training (train.py) and eval.py
     correct, styles = [], []
     for s in tqdm(range(0, len(held_out), batch), desc=f"eval ({len(held_out)} problems x {k})", leave=False, disable=None):
         chunk = held_out[s : s + batch]
-        r = sample(model, [chat_ids(tokenizer, user_text(p)) for p in chunk], n=k, max_new_tokens=max_new_tokens,
-                   temperature=temperature, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip
-        texts = tokenizer.batch_decode(r.to_lists(), skip_special_tokens=True)
+        prompts = [chat_ids(tokenizer, user_text(p)) for p in chunk]
+        r = sample(model, prompts, n=k, max_new_tokens=max_new_tokens,
+                   temperature=temperature, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=g)  # fmt: skip
+        texts = data.graded_texts(tokenizer, r.tokens, r.lengths, r.finished, [data.think_prefix(tokenizer, prompts[i // k]) for i in range(len(r.lengths))])
         for i, text in enumerate(texts):
             correct.append(grade(text, chunk[i // k]["answer"]) if r.finished[i] else 0.0)
             styles.append(classify(text))

@@ -22,12 +22,15 @@ What this file owns
 2. `plan(config, ...)`: the memory estimate train.py prints at startup, per GPU:
 
        weights      n_params x bytes(dtype)                                   bf16: 2 B/param
-       grads        n_params x bytes(dtype)                                   2 B/param
+       grads        n_params x 4: fp32 sums whatever the dtype (AdamW above)  4 B/param
        optimizer    fp32: master 4 + exp_avg 4 + exp_avg_sq 4 = 12 B/param;  param: 2 x bytes(dtype)
        activations  per token of a training micro-batch (below); the micro-batch TOKEN budget is
                     what is left after the fixed parts, divided by this
-       logits       one chunk of the output head in fp32 (model.response_logprobs scores
-                    `chunk` positions at a time: logits, softmax and their gradient)
+       head         the output head's backward for one chunk (model.response_logprobs scores
+                    `chunk` positions at a time): 5 fp32 (chunk x V) buffers (logits, scaled
+                    logits, softmax, their gradients) + a (V x D) fp32-sized weight-gradient
+                    temporary (measured on a GPU, issue 10: 4.37 GiB at 4B widths, V = 151936,
+                    D = 2560, chunk 1024, where 3 buffers alone said 1.74)
        KV cache     2 (K, V) x layers x kv_heads x head_dim x bytes per token of a sampled row;
                     while sampling the grads are freed and (one GPU, `offload=True`) AdamW's
                     state sits in pinned CPU memory (AdamW.offload), so the sampler's paged KV
@@ -51,7 +54,7 @@ What this file owns
    the real peak on a GPU.
 
 3. `micro_batches` / `split_to`: the training micro-batches by a token budget (rows x padded
-   length), and the same number of them on every FSDP rank.
+   length), rows of similar length together, and the same number of them on every FSDP rank.
 
 Shapes / symbols: N rows, P prompt tokens, T new tokens, D hidden, I intermediate, V vocab.
 """
@@ -59,6 +62,8 @@ Shapes / symbols: N rows, P prompt tokens, T new tokens, D hidden, I intermediat
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +88,16 @@ class AdamW:
         w <- w (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
         w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     where w is the master (if any) and the parameter is then set to w rounded to its dtype.
+
+    Gradients of low-precision (bf16 / fp16) parameters are ACCUMULATED in fp32 (issue 10): a
+    post-accumulate-grad hook moves each backward's `p.grad` into an fp32 buffer of this optimizer
+    and frees it, so a step of 64 micro-batches does not sum 64 bf16 gradients in bf16 (measured
+    relative L2 error 0.84% after 64 such sums; the fp32 master cannot undo it). `grad(name)` /
+    `grads()` are the gradients step() uses (clip them, not `p.grad`); zero_grad frees them.
+    What one backward sums inside autograd (e.g. a tied embedding's lookup and head chunks) is
+    still summed in the parameter's dtype. A `.grad` set by hand, or by a wrapper that runs no
+    hooks, is added to the sum at the next grad() / step(); as in torch, gradients add up until
+    zero_grad().
     """
 
     STATES = ("fp32", "param")
@@ -100,23 +115,69 @@ class AdamW:
             if master:
                 s["master"] = p.detach().to(torch.float32, copy=True)
             self.state[name] = s
+        self._grad32: dict[str, torch.Tensor] = {}  # name -> fp32 gradient sum of a low-precision parameter
+        for name, p in self.params.items():
+            if p.dtype != torch.float32:
+                p.register_post_accumulate_grad_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        me = weakref.ref(self)  # the parameter keeps its hooks: never let them keep an old optimizer's states alive
+
+        def take(p: torch.Tensor) -> None:  # runs right after autograd (or FSDP) wrote p.grad
+            opt = me()
+            if opt is not None:
+                opt._take(name, p)
+
+        return take
+
+    def _take(self, name: str, p: torch.Tensor) -> None:
+        """Add p.grad into the fp32 buffer and free it (transient: one parameter's low-precision grad)."""
+        if p.grad is None:
+            return
+        buf = self._grad32.get(name)
+        if buf is None:
+            self._grad32[name] = p.grad.to(torch.float32, copy=True)
+        else:
+            buf.add_(p.grad)  # (bf16 + fp32 in fp32)
+        p.grad = None
+
+    def grad(self, name: str, create: bool = False) -> torch.Tensor | None:
+        """The gradient step() will use for parameter `name`: the fp32 sum (low-precision parameters)
+        or `.grad` (fp32 ones); None if it has none, or zeros of the right kind when create=True."""
+        p = self.params[name]
+        if p.dtype == torch.float32:
+            if p.grad is None and create:
+                p.grad = torch.zeros_like(p)
+            return p.grad
+        self._take(name, p)
+        if name not in self._grad32 and create:
+            self._grad32[name] = torch.zeros_like(p, dtype=torch.float32)
+        return self._grad32.get(name)
+
+    def grads(self) -> list[torch.Tensor]:
+        """Every existing gradient step() will use, in parameter order (for clipping and its norm)."""
+        return [g for g in (self.grad(n) for n in self.params) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params.values():
+        for name, p in self.params.items():
             if set_to_none:
                 p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+                self._grad32.pop(name, None)
+            else:
+                for g in (p.grad, self._grad32.get(name)):
+                    if g is not None:
+                        g.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
         b1, b2 = self.betas
         for name, p in self.params.items():
-            if p.grad is None:  # like torch: a parameter without a gradient is not stepped
+            g = self.grad(name)
+            if g is None:  # like torch: a parameter without a gradient is not stepped
                 continue
             s = self.state[name]
             w = s.get("master", p)
-            g = p.grad if p.grad.dtype == w.dtype else p.grad.to(w.dtype)  # (one parameter's fp32 copy at a time)
+            g = g if g.dtype == w.dtype else g.to(w.dtype)  # (states="param": one parameter's copy at a time)
             s["step"] += 1
             t = float(s["step"])
             if self.weight_decay != 0:
@@ -175,41 +236,44 @@ class AdamW:
 # ---------------------------------------------------------------------------------------
 
 
-def micro_batches(prompt_lens: list[int], lengths: list[int], *, max_rows: int, max_tokens: int | None = None) -> list[slice]:
-    """Split rows 0..N-1 into contiguous micro-batches for the training forward/backward.
+def micro_batches(prompt_lens: list[int], lengths: list[int], *, max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Split rows 0..N-1 into micro-batches (lists of row indices) for the training forward/backward.
 
-    Each holds at most max_rows rows and, when max_tokens is given, at most max_tokens PADDED
-    tokens: rows x (longest prompt + longest response in the batch), which is what
-    model.response_logprobs allocates. A single row longer than the budget is a batch alone.
-    The loss does not depend on the split (policy_loss divides by the step's token count).
-    Without max_tokens this is range(0, N, max_rows).
+    Rows are taken in order of prompt + response length (ties by index), as the scoring pass
+    orders them, so each micro-batch holds rows of similar length and little padding (issue 10:
+    prompt-major slices padded every batch to its longest row). Each holds at most max_rows rows
+    and, when max_tokens is given, at most max_tokens PADDED tokens: rows x (longest prompt +
+    longest response in the batch), which is what model.response_logprobs allocates. A single row
+    longer than the budget is a batch alone. The loss does not depend on the split (policy_loss
+    divides by the step's token count). Every row is in exactly one batch.
     """
     assert len(prompt_lens) == len(lengths) and max_rows >= 1
-    out, a, n = [], 0, len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (prompt_lens[i] + lengths[i], i))
+    out, a, n = [], 0, len(order)
     while a < n:
-        b, mp, ml = a + 1, prompt_lens[a], lengths[a]
+        b, mp, ml = a + 1, prompt_lens[order[a]], lengths[order[a]]
         while b < n and b - a < max_rows:
-            mp2, ml2 = max(mp, prompt_lens[b]), max(ml, lengths[b])
+            mp2, ml2 = max(mp, prompt_lens[order[b]]), max(ml, lengths[order[b]])
             if max_tokens is not None and (b - a + 1) * (mp2 + ml2) > max_tokens:
                 break
             mp, ml, b = mp2, ml2, b + 1
-        out.append(slice(a, b))
+        out.append(order[a:b])
         a = b
     return out
 
 
-def split_to(batches: list[slice], count: int) -> list[slice]:
+def split_to(batches: list[list[int]], count: int) -> list[list[int]]:
     """Halve the largest micro-batches until there are `count` of them. FSDP: every rank must
     run the same number of forward/backward passes (each one all-gathers every layer), so ranks
     with fewer batches than the busiest one split theirs. count <= rows always works."""
-    out = list(batches)
+    out = [list(b) for b in batches]
     while len(out) < count:
-        i = max(range(len(out)), key=lambda j: out[j].stop - out[j].start)
-        s = out[i]
-        if s.stop - s.start < 2:
-            raise ValueError(f"split_to: cannot make {count} micro-batches from {s.stop} rows")
-        mid = (s.start + s.stop) // 2
-        out[i : i + 1] = [slice(s.start, mid), slice(mid, s.stop)]
+        i = max(range(len(out)), key=lambda j: len(out[j]))
+        rows = out[i]
+        if len(rows) < 2:
+            raise ValueError(f"split_to: cannot make {count} micro-batches from {sum(map(len, out))} rows")
+        mid = len(rows) // 2
+        out[i : i + 1] = [rows[:mid], rows[mid:]]
     return out
 
 
@@ -262,6 +326,40 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * hd * dtype_bytes
 
 
+def configure_cuda_allocator() -> None:
+    """Ask PyTorch's CUDA allocator for expandable segments (issue 10), unless the user configured
+    it: a step alternates a long sampling phase (KV caches of every size) with training (activation
+    blocks of every size); fixed-size segments fragment, and the plan's budgets assume the free
+    memory is usable. Call before the first CUDA allocation (train.py / eval.py main do); later,
+    the runtime setting is tried instead. No effect on CPU."""
+    if not torch.cuda.is_available() or any(k in os.environ for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        return
+    if torch.cuda.is_initialized():
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+        if setter is not None:
+            setter("expandable_segments:True")
+        return
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    # torch 2.9 renamed the variable (the old name still works there, with a deprecation warning)
+    os.environ["PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def head_backward_bytes(config, chunk: int = 1024) -> int:
+    """Peak bytes of the output head's backward over one chunk (module docstring, "head")."""
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return 5 * chunk * c.vocab_size * 4 + c.vocab_size * c.hidden_size * 4
+
+
+def sample_rows_that_fit(config, free_bytes: int, row_tokens: int, *, dtype_bytes: int = 2, group: int = 1, tp: int = 1) -> int:
+    """Rows whose full-length KV cache (row_tokens each) and the sampler's per-step fp32 (rows, V)
+    buffers (logits, log-softmax, uniforms, ...) fit in free_bytes; whole groups of `group` rows
+    when at least one fits. Used by plan() and by eval.py (which has no plan: free memory)."""
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    per_row = row_tokens * (kv_bytes_per_token(c, dtype_bytes) // tp) + 5 * 4 * c.vocab_size
+    fit = max(0, free_bytes) // per_row
+    return fit // group * group if fit >= group else fit
+
+
 @dataclass
 class Plan:
     """The estimate (bytes) and the budgets chosen from it. See the module docstring."""
@@ -309,10 +407,10 @@ class Plan:
             f"memory plan ({size} params, {self.dtype_bytes} B/param weights, optimizer states {self.states}, "
             f"grad ckpt {'on' if self.grad_ckpt else 'off'}, {self.gpu_bytes / GiB:.1f} GiB per device)",
             f"  weights      {g(self.weights)}",
-            f"  grads        {g(self.grads)}",
+            f"  grads        {g(self.grads)}   (fp32 sums over the micro-batches)",
             f"  optimizer    {g(self.optimizer)}   ({optimizer_bytes_per_param(self.dtype_bytes, self.states)} B/param)",
             f"  reserve      {g(self.reserve)}   (CUDA context, allocator slack)",
-            f"  logits chunk {g(self.logits)}",
+            f"  head chunk   {g(self.logits)}   (backward of one output-head chunk)",
             f"  activations  {g(mb_act)}   ({self.act_per_token / 2**10:.1f} KiB/token x {self.micro_batch_tokens} tokens per micro-batch)",
             f"  = training peak {g(self.fixed_train + mb_act)}",
             f"  KV cache     {g(kv)}   ({self.kv_per_token / 2**10:.1f} KiB/token x {self.kv_tokens} tokens: the sampler's paged pool; "
@@ -361,10 +459,10 @@ def plan(
     c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     n = n_params if n_params is not None else count_params(c)
     weights = n * dtype_bytes // shards
-    grads = weights
+    grads = n * 4 // shards  # fp32 sums (memory.AdamW), also for bf16 weights
     optimizer = n * optimizer_bytes_per_param(dtype_bytes, states) // shards
     act = activation_bytes_per_token(c, dtype_bytes, grad_ckpt)
-    logits = 3 * chunk * c.vocab_size * 4  # fp32 logits, their softmax and their gradient
+    logits = head_backward_bytes(c, chunk)
     kv = kv_bytes_per_token(c, dtype_bytes) // tp  # TP splits the KV heads
     row_tokens = prompt_len + new_tokens
     p = Plan(n, dtype_bytes, states, grad_ckpt, gpu_bytes, weights, grads, optimizer, act, logits, kv, reserve, c.vocab_size, rows, row_tokens, 0, 0, group, offload)

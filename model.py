@@ -32,17 +32,27 @@ What this file owns
    memory never holds (N, L, V) logits (with V = 151,936 and T = 4096 that would be 2.5 GB
    per row in fp32), only (chunk_size, V), whatever N and T are. Log-softmax and entropy are
    taken in fp32 whatever the model dtype (SPEC section 1 step 6).
+3. `shared_prefix_logprobs(...)`: the same scores under no_grad, with each DISTINCT prompt
+   computed once (issue 12). AntiSD's teacher prompts repeat within a group: rollout i's is
+   problem + one correct peer of its group + a feedback line that depends only on i's own
+   correctness, so a group of G has at most 2 x (correct rollouts) distinct teacher prompts,
+   often 2-4 (and the G student prompts of a group are one). Each distinct prompt runs once
+   with a KV cache (as the sampler's prefill does); every row then runs only its response
+   tokens on top of its prompt's cache. Exact: the same numbers as `response_logprobs` up to
+   float rounding (tests/test_model.py compares them on ragged rows).
 
 Shapes: N rows, P prompt length, T response length (padded), V vocabulary, D hidden.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers.cache_utils import Cache, DynamicLayer
 
 # ---------------------------------------------------------------------------------------
 # The tiny tokenizer: byte-level BPE (like Qwen's and GPT-2's) so any text round-trips
@@ -225,6 +235,22 @@ def check_local(name: str) -> None:
         raise FileNotFoundError(f"load: model directory {name!r} does not exist")  # a hub id is "org/name"
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the generation config's (Qwen3's lists
+    151645 <|im_end|> and 151643 <|endoftext|>). Training and evaluation both stop on these (issue
+    10: training once stopped on the tokenizer's alone, so a row ending in <|endoftext|> ran on to
+    the length cap and scored 0)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    ids.discard(None)
+    return sorted(ids)
+
+
 def save(model, tokenizer, path: str) -> None:
     """HF-format checkpoint (safetensors) from the raw module, never a compiled/wrapped one."""
     raw = getattr(model, "_orig_mod", model)  # torch.compile wraps; save the underlying module
@@ -341,3 +367,164 @@ def response_logprobs(
     logp = zeros.masked_scatter(r_mask, torch.cat(logps))  # (N, T), exactly 0 at positions >= length
     ent = zeros.masked_scatter(r_mask, torch.cat(ents)) if with_entropy else None  # (N, T)
     return logp, ent
+
+
+class _SharedPrefixLayer(DynamicLayer):
+    """One layer's KV cache for shared_prefix_logprobs: U distinct prompts read by N rows.
+
+    Two kinds of pass, set by `mode` before each forward (`sel`: which prompts / rows):
+      "prompt"  a bucket of prompts (similar lengths, left-padded) writes its keys and values
+                RIGHT-aligned into one (U, H, P, Dh) buffer, P the longest prompt, and attends
+                within itself (get_seq_length() 0);
+      "rows"    a bucket of responses attends to [its prompt | itself] (get_seq_length() P,
+                which HF's mask builder needs: query j sits at cache position P + j); nothing
+                is stored (no-grad scoring never reads it again), so at most one layer's
+                expanded keys are alive at a time, as in a plain forward without a cache.
+    Buffer columns left of a prompt are zeros and masked by the caller's 2D attention mask.
+    """
+
+    def __init__(self, n_prompts: int, width: int):
+        super().__init__()
+        self.U, self.W = n_prompts, width
+        self.mode, self.sel = "prompt", None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v, n = key_states, value_states, key_states.shape[-2]  # (b, H, n, D): this pass's columns
+        if not self.is_initialized:
+            self.device, self.is_initialized = k.device, True
+            self.keys = k.new_zeros(self.U, k.shape[1], self.W, k.shape[3])  # (U, H, P, Dh)
+            self.values = v.new_zeros(self.U, v.shape[1], self.W, v.shape[3])
+        if self.mode == "prompt":
+            self.keys[self.sel, :, self.W - n :], self.values[self.sel, :, self.W - n :] = k, v
+            return k, v
+        return torch.cat([self.keys.index_select(0, self.sel), k], dim=-2), torch.cat([self.values.index_select(0, self.sel), v], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.mode == "prompt" else self.W
+
+
+def _length_buckets(lens: list[int], *, call_tokens: int, min_len: int = 1) -> list[list[int]]:
+    """Indices with lens >= min_len, longest first, cut into buckets that are each padded to
+    their longest: the cut minimising (padded tokens + call_tokens per bucket), by dynamic
+    programming over the sorted lengths. call_tokens is what one more forward call costs, in
+    padded tokens: one batch of a 100- and a 1000-token item is mostly padding, but every call
+    has a fixed cost (kernel launches, Python), so small differences stay in one bucket."""
+    idx = sorted((i for i in range(len(lens)) if lens[i] >= min_len), key=lambda i: (-lens[i], i))
+    n = len(idx)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[k]: cost of the first k items
+    for k in range(1, n + 1):
+        for j in range(k):  # the last bucket is items j..k-1, padded to the longest, lens[idx[j]]
+            c = best[j] + call_tokens + (k - j) * lens[idx[j]]
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    out, k = [], n
+    while k > 0:
+        out.append(idx[cut[k] : k])
+        k = cut[k]
+    return out[::-1]
+
+
+def prefix_sharing_ok(model) -> bool:
+    """The shared-prefix path is used when every layer is full (causal) attention under sdpa or
+    eager attention (Qwen3, Qwen3-MoE, Llama), as the sampler's fast path; other models
+    (sliding-window layers, flash attention) are scored row by row, which is always exact."""
+    cfg = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"]
+    return all(t == "full_attention" for t in layer_types) and cfg._attn_implementation in ("sdpa", "eager")
+
+
+@torch.no_grad()
+def shared_prefix_logprobs(
+    model,
+    prompts: list[list[int]],
+    responses: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    call_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """response_logprobs under no_grad, with each distinct prompt computed once.
+
+    prompts: N token-id lists; identical lists (equal ids) share one prompt pass.
+    responses (N, T) right-padded, lengths (N,): as response_logprobs.
+    Returns logp (N, T) fp32, entropy (N, T) fp32 or None (both exactly 0 at positions >=
+    length), and the work: {"prompt_tokens": tokens of the distinct prompts (computed),
+    "prompt_tokens_rows": tokens of all N prompts (what row-by-row scoring computes)}.
+
+      1. the U distinct prompts run once into a KV cache, in buckets of similar length
+         (_length_buckets, each left-padded to its own longest); the hidden state at each
+         prompt's last token predicts response token 0;
+      2. the N responses run on top, each row reading its own prompt's cache
+         (_SharedPrefixLayer), position ids continuing from its prompt's real length, in
+         buckets of similar length; the hidden state at response column j predicts token j+1,
+         so the last column is not run;
+      3. the M = sum(lengths) real positions through the head in chunks, as response_logprobs.
+    call_tokens: the cost of one more forward call in padded tokens, for the buckets (default:
+    128 on CPU, where a call of the tiny model costs ~7 ms ~ 150 of its tokens; 4096 on a GPU,
+    where a call is launch-bound until thousands of tokens).
+    Models the shared path does not cover (prefix_sharing_ok) get response_logprobs.
+    """
+    N, T = responses.shape
+    assert len(prompts) == N and lengths.shape == (N,), (len(prompts), responses.shape, lengths.shape)
+    assert temperature > 0 and chunk_size >= 1, (temperature, chunk_size)
+    first: dict[tuple, int] = {}  # distinct prompt -> its index, in order of first appearance
+    inv = [first.setdefault(tuple(p), len(first)) for p in prompts]  # N prompt indices
+    work = {"prompt_tokens": sum(len(p) for p in first), "prompt_tokens_rows": sum(len(p) for p in prompts)}
+    if not prefix_sharing_ok(model):
+        logp, ent = response_logprobs(model, prompts, responses, lengths, temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size)
+        return logp, ent, {**work, "prompt_tokens": work["prompt_tokens_rows"]}
+    device = next(model.parameters()).device
+    call_tokens = call_tokens if call_tokens is not None else (128 if device.type == "cpu" else 4096)
+    body, head = _decoder_and_head(model)
+    cfg = getattr(model, "_orig_mod", model).config.get_text_config(decoder=True)
+    rows = torch.tensor(inv, dtype=torch.long, device=device)  # (N,) row -> prompt
+    uniq = [list(p) for p in first]  # U distinct prompts
+    if any(len(p) == 0 for p in uniq):
+        raise ValueError("shared_prefix_logprobs: empty prompt (every prompt needs at least one token)")
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    plen = torch.tensor([len(p) for p in uniq], device=device)  # (U,)
+    P = int(plen.max())
+    p_mask = ar(P)[None, :] >= (P - plen)[:, None]  # (U, P) right-aligned prompts, from lengths
+    cache = Cache(layers=[_SharedPrefixLayer(len(uniq), P) for _ in range(cfg.num_hidden_layers)])
+    # transformers 5.24 renamed past_key_values= to cache= (the old name warns); 5.17-5.23 ignore cache=
+    ckw = {"cache" if "cache" in inspect.signature(type(body).forward).parameters else "past_key_values": cache}
+    # 1) the distinct prompts, once each, in buckets of similar length (each left-padded to its
+    #    own longest); the hidden state at a prompt's last token predicts response token 0
+    h_last = torch.zeros(len(uniq), cfg.hidden_size, dtype=next(body.parameters()).dtype, device=device)  # (U, D)
+    for b in _length_buckets(plen.tolist(), call_tokens=call_tokens):
+        ids, m = left_pad([uniq[j] for j in b], 0, device)  # (u, Pb); pad id masked out
+        sel = torch.tensor(b, device=device)  # (u,)
+        for layer in cache.layers:
+            layer.mode, layer.sel = "prompt", sel
+        out = body(input_ids=ids, attention_mask=m.long(), position_ids=positions_from_mask(m), use_cache=True, **ckw)
+        h_last[sel] = out.last_hidden_state[:, -1]  # (u, D) left-padded: the last column is real
+    lengths = lengths.to(device)
+    r_mask = ar(T)[None, :] < lengths[:, None]  # (N, T)
+    r_ids = torch.where(r_mask, responses.to(device), torch.zeros_like(responses, device=device))  # (N, T)
+    # 2) the responses on top of their prompts, in buckets of similar length; the hidden state at
+    #    response column j predicts token j+1 (column 0's is the prompt's last)
+    hidden = torch.zeros(N, T, cfg.hidden_size, dtype=h_last.dtype, device=device)  # (N, T, D)
+    hidden[:, :1] = h_last.index_select(0, rows)[:, None, :][:, :T]
+    lens = lengths.tolist()
+    for b in _length_buckets(lens, call_tokens=call_tokens, min_len=2):  # a 1-token response needs only column 0
+        sel = torch.tensor(b, device=device)  # (n,) rows of this bucket
+        Tb = lens[b[0]]  # its longest response; columns 0..Tb-2 are run
+        for layer in cache.layers:
+            layer.mode, layer.sel = "rows", rows[sel]  # each row's prompt
+        attn = torch.cat([p_mask[rows[sel]], r_mask[sel, : Tb - 1]], dim=1)  # (n, P+Tb-1)
+        pos = plen[rows[sel]][:, None] + ar(Tb - 1)[None, :]  # (n, Tb-1)
+        out = body(input_ids=r_ids[sel, : Tb - 1], attention_mask=attn.long(), position_ids=pos, use_cache=True, **ckw)
+        hidden[sel, 1:Tb] = out.last_hidden_state  # (n, Tb-1, D)
+    # 3) the head over the real positions only, chunk_size at a time
+    h, tgt = hidden[r_mask], r_ids[r_mask]  # (M, D), (M,)
+    logps, ents = [h.new_zeros(0, dtype=torch.float32)], [h.new_zeros(0, dtype=torch.float32)]
+    for s in range(0, h.shape[0], chunk_size):
+        lp, ent = _chunk_scores(head, h[s : s + chunk_size], tgt[s : s + chunk_size], temperature, with_entropy)  # (c,), (c,)
+        logps.append(lp)
+        ents.append(ent)
+    zeros = torch.zeros(N, T, dtype=torch.float32, device=device)
+    logp = zeros.masked_scatter(r_mask, torch.cat(logps))  # (N, T)
+    ent = zeros.masked_scatter(r_mask, torch.cat(ents)) if with_entropy else None  # (N, T)
+    return logp, ent, work

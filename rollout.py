@@ -53,6 +53,7 @@ first), A live rows (A <= max_rows), T = max_new_tokens, V vocabulary, ps page s
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
@@ -354,7 +355,26 @@ def _decode_step(model, cache: PagedCache, cache_kw: str, last, pos, read, write
     return out.logits[:, -1]
 
 
+def _in_eval_mode(fn):
+    """Run fn(model, ...) with the model in eval mode, then restore its mode. NOTE: transformers
+    <= 5.22's GradientCheckpointingLayer drops the KV cache whenever the model is in train mode
+    with gradient checkpointing on (decoding then runs without a cache: wrong tokens), and
+    train.py's periodic evaluation follows an update; sampling is never a training forward."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapped
+
+
 @torch.no_grad()
+@_in_eval_mode
 def sample(
     model,
     prompts: list[list[int]],

@@ -6,6 +6,7 @@
     python study.py --plots-only                     # summary.json, plots and table from the runs on disk
     python study.py --table                          # print the markdown table of results/lab/summary.json
     python study.py --methods grpo,antisd --seeds 0 --steps 20 -- --prompts-per-step 8   # after --: extra train.py flags
+    python study.py --levels 0.9:60,0.97:90 --methods grpo,antisd --out results/lab-sparse   # the sparsity sweep (part 2)
 
 What it runs: train.main for each method below and each seed, into OUT/<method>/s<seed>/
 (metrics.jsonl, samples.jsonl, checkpoints, train.log for subprocess runs):
@@ -15,6 +16,7 @@ What it runs: train.main for each method below and each seed, into OUT/<method>/
     antisd          --method antisd               (median gate, tau 0.93)
     antisd-nogate   --method antisd --gate none
     revkl           --method revkl
+    antisd-official --method antisd --recipe official   (not in the default --methods: the first study predates it)
 
 What it writes: OUT/summary.json
 
@@ -37,6 +39,22 @@ median with the gate state shaded per method, response length, held-out share of
 responses, mean u of the rollouts, and an overview with all of them. Each method is drawn as
 the mean over seeds with a min-max band; per-step train metrics are smoothed with a moving
 average of --smooth steps first (eval metrics are not smoothed).
+
+The sparsity sweep (issue 15, `--levels L[:steps],...`): the same study at each lab
+difficulty L (train.py --lab-level, lab.level_config), each with its own step budget, into
+OUT/L<L>/<method>/s<seed>/ (each level directory is a first-study OUT: summary.json, plots).
+OUT/summary.json then holds
+
+    {"runs": [... the records above + "level", "frac_zero_var0"],
+     "levels": {"<L>": {"level", "steps", "frac_zero_var0", "frac_all_wrong0", "methods": {as above}}},
+     "meta": {...}}
+
+`frac_zero_var0` is the step-1 record's frac_zero_var: the share of groups with zero reward
+variance among the warm-started policy's rollouts, before any update (a level's value is the
+mean over its runs; every method samples the same step-1 rollouts for a seed). Sweep plots
+(OUT/plots/): held-out accuracy per method per level (`accuracy_per_level`), speedup vs
+frac_zero_var0 with the median over seeds and per-seed points (`speedup_vs_sparsity`), and
+the mean |token term| (|A_{i,t} - A_seq|) next to the mean |A_seq| per step (`token_term`).
 
 Parallel runs share the warm-start cache .cache/lab (in the working directory): the study
 builds it once in this process before starting them, so they never race to write it.
@@ -67,8 +85,9 @@ METHODS = {
     "antisd": ["--method", "antisd"],
     "antisd-nogate": ["--method", "antisd", "--gate", "none"],
     "revkl": ["--method", "revkl"],
+    "antisd-official": ["--method", "antisd", "--recipe", "official"],  # the authors' launcher (README "Which AntiSD?")
 }
-COLORS = {"grpo": "#444444", "sd": "#d62728", "antisd": "#1f77b4", "antisd-nogate": "#17becf", "revkl": "#ff7f0e"}
+COLORS = {"grpo": "#444444", "sd": "#d62728", "antisd": "#1f77b4", "antisd-nogate": "#17becf", "revkl": "#ff7f0e", "antisd-official": "#2ca02c"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +169,7 @@ def prewarm(argv: list[str], threads: int) -> None:
     torch.set_num_threads(threads)
     model, tok = model_lib.load(targs.model, device=targs.device, seed=targs.seed)
     task = train.Task(targs, tok)
-    lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **({} if targs.warm_steps is None else {"steps": targs.warm_steps}))
+    lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **lab.warm_overrides(targs.lab_level, targs.warm_steps))
 
 
 def run_all(args) -> None:
@@ -207,6 +226,32 @@ def run_all(args) -> None:
                 print(f"[{i}/{len(todo)}] {method} s{seed}: {'done' if ok else f'FAILED (exit {rc})'} in {dt:.0f} s (log {run_dir(args.out, method, seed)}/train.log)", flush=True)
     if failed:
         raise SystemExit(f"study.py: failed runs: {', '.join(failed)} (see their train.log; --skip-existing resumes)")
+
+
+def parse_levels(spec: str) -> list[tuple[float, int | None]]:
+    """"0.9:60,0.97" -> [(0.9, 60), (0.97, None)]: lab levels with their step budgets (None: --steps)."""
+    out = []
+    for part in (p for p in spec.split(",") if p.strip()):
+        lv, _, steps = part.partition(":")
+        try:
+            out.append((float(lv), int(steps) if steps else None))
+        except ValueError:
+            raise SystemExit(f"study.py: --levels: bad entry {part!r} (want L or L:steps, e.g. 0.9:60)") from None
+        if not 0.0 <= out[-1][0] < 1.0 or (out[-1][1] is not None and out[-1][1] < 1):
+            raise SystemExit(f"study.py: --levels: {part!r}: the level must be in [0, 1) and the steps >= 1")
+    return out
+
+
+def level_dir(out: str, level: float) -> str:
+    return os.path.join(out, f"L{level:g}")
+
+
+def level_args(args, level: float, steps: int | None) -> argparse.Namespace:
+    """The first-study arguments of one sweep level: its directory, budget and --lab-level."""
+    sub = argparse.Namespace(**vars(args))
+    sub.out, sub.steps, sub.levels = level_dir(args.out, level), steps if steps is not None else args.steps, None
+    sub.train_args = [*args.train_args, "--lab-level", f"{level:g}"]
+    return sub
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +331,50 @@ def summarize(out: str, meta: dict | None = None) -> dict:
     walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
     meta = {**(meta or {}), "machine": machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
     return {"runs": runs, "methods": methods, "meta": meta}
+
+
+def first_step(d: str) -> dict:
+    """The step-1 record of a run (its rollouts come from the warm-started policy)."""
+    steps = read_run(d)["steps"]
+    return steps[min(steps)] if steps else {}
+
+
+def summarize_sweep(out: str, levels: list[tuple[float, int | None]], meta: dict | None = None) -> dict:
+    """OUT/summary.json of a sweep: every level's first-study summary, flattened (see the docstring)."""
+    runs, by_level = [], {}
+    for level, steps in levels:
+        ld = level_dir(out, level)
+        sub = summarize(ld) if os.path.isdir(ld) else {"runs": [], "methods": {}}
+        zv, aw = [], []
+        for r in sub["runs"]:
+            rec0 = first_step(run_dir(ld, r["method"], r["seed"]))
+            r.update(level=level, frac_zero_var0=rec0.get("frac_zero_var"))
+            zv += [rec0["frac_zero_var"]] if "frac_zero_var" in rec0 else []
+            aw += [rec0["frac_all_wrong"]] if rec0.get("frac_all_wrong") is not None else []
+            runs.append(r)
+        by_level[f"{level:g}"] = {"level": level, "steps": steps, "frac_zero_var0": sum(zv) / len(zv) if zv else None,
+                                  "frac_all_wrong0": sum(aw) / len(aw) if aw else None, "methods": sub["methods"]}  # fmt: skip
+    walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
+    meta = {**(meta or {}), "machine": machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
+    return {"runs": runs, "levels": by_level, "meta": meta}
+
+
+def sweep_table(summary: dict) -> str:
+    """The README table of a sweep: one row per level and method."""
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    lines = [
+        "| level | frac_zero_var at step 0 | method | seeds | peak held-out acc | speedup vs GRPO (median) | per seed | reached GRPO's best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, lv in summary["levels"].items():
+        for method, m in lv["methods"].items():
+            rs = [r for r in summary["runs"] if r["method"] == method and f"{r['level']:g}" == key]
+            per = " / ".join(f"{r['speedup']:.1f}x" if r["speedup"] is not None else "never" if _defined(r) else "n/a" for r in rs)
+            sp = "-" if m["speedup_median"] is None else f"{m['speedup_median']:.2f}x"
+            lines.append(f"| {key} | {f(lv['frac_zero_var0'], 2)} | {method} | {m['n_seeds']} | {f(m['peak_acc_median'])} | {sp} | {per} | {m['n_reached']}/{m['n_defined']} |")
+    lines.append("")
+    lines.append("Medians over seeds; speedup as in the first study (never = counted as 0 in the median).")
+    return "\n".join(lines)
 
 
 def markdown_table(summary: dict) -> str:
@@ -419,6 +508,83 @@ def plot(out: str, smooth: int = 5) -> list[str]:
     return paths
 
 
+def plot_sweep(out: str, summary: dict, smooth: int = 5) -> list[str]:
+    """OUT/plots/{accuracy_per_level,speedup_vs_sparsity,token_term}.png of a sweep ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study.py: matplotlib is not installed, no sweep plots (pip install matplotlib, then python study.py --plots-only ...)")
+        return []
+    pdir = os.path.join(out, "plots")
+    os.makedirs(pdir, exist_ok=True)
+    levels = list(summary["levels"].values())
+    per_level = {lv["level"]: {ms: read_run(run_dir(level_dir(out, lv["level"]), *ms)) for ms in find_runs(level_dir(out, lv["level"]))} for lv in levels}
+    title = lambda lv: f"level {lv['level']:g} (frac_zero_var0 {lv['frac_zero_var0']:.2f})" if lv["frac_zero_var0"] is not None else f"level {lv['level']:g}"  # noqa: E731
+    paths = []
+
+    def save(fig, name):
+        path = os.path.join(pdir, f"{name}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    # Held-out accuracy per method, one panel per level: mean over seeds, min-max band.
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        runs = per_level[lv["level"]]
+        _draw(ax, runs, list(dict.fromkeys(m for m, _ in runs)), PANELS[0], 1)
+        ax.set_yscale("linear")  # accuracies: _draw's log scale for wide ranges would hide the plateau
+        ax.set_title(title(lv), fontsize=10)
+        ax.legend(fontsize=7)
+    save(fig, "accuracy_per_level")
+
+    # Speedup vs sparsity: per-seed points (never reached = 0) and the median over seeds per level.
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = [m for m in METHODS if m != "grpo" and any(r["method"] == m for r in summary["runs"])]
+    for j, method in enumerate(methods):
+        xs, meds = [], []
+        for lv in levels:
+            rs = [r for r in summary["runs"] if r["method"] == method and r["level"] == lv["level"] and _defined(r)]
+            if not rs or lv["frac_zero_var0"] is None:
+                continue
+            x = lv["frac_zero_var0"]
+            jit = 0.006 * (j - (len(methods) - 1) / 2)  # methods side by side at the same x
+            ax.scatter([x + jit] * len(rs), [r["speedup"] or 0.0 for r in rs], color=COLORS.get(method), alpha=0.45, s=18)
+            xs.append(x + jit)
+            meds.append(_median([r["speedup"] or 0.0 for r in rs]))
+        if xs:
+            ax.plot(xs, meds, "-o", color=COLORS.get(method), label=f"{method} (median)", lw=1.8)
+    ax.axhline(1.0, color=COLORS["grpo"], ls="--", lw=1, label="GRPO (1x)")
+    ax.axhline(2.0, color="gray", ls=":", lw=1, label="the paper's >= 2x")
+    ax.set_xlabel("frac_zero_var at step 0 (share of groups with no reward variance)")
+    ax.set_ylabel("speedup to GRPO's best held-out acc")
+    ax.set_title("AntiSD's speedup vs reward sparsity (dots: seeds; never reached = 0)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "speedup_vs_sparsity")
+
+    # The token term's size next to A_seq's, per step: solid |token term|, dashed |A_seq|.
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        runs = per_level[lv["level"]]
+        for method in dict.fromkeys(m for m, _ in runs):
+            for key, ls in (("tok_term_abs_mean", "-"), ("seq_adv_abs_mean", "--")):
+                xs, mean, _, _ = series(runs, method, "steps", key, smooth)
+                if xs and (method != "grpo" or key == "seq_adv_abs_mean"):  # GRPO's token term is 0
+                    ax.plot(xs, mean, ls, color=COLORS.get(method), lw=1.3, label=f"{method} {'|token term|' if ls == '-' else '|A_seq|'}")
+        ax.set_title(title(lv) + (f", moving avg {smooth}" if smooth > 1 else ""), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean over tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    save(fig, "token_term")
+    return paths
+
+
 # ---------------------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------------------
@@ -427,10 +593,11 @@ def plot(out: str, smooth: int = 5) -> list[str]:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    g.add_argument("--methods", default=",".join(m for m in METHODS if m != "antisd-official"), help=f"comma-separated, from: {', '.join(METHODS)} (default: the first study's five)")
     g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (train.py --seed); the paper's medians need >= 3")
     g.add_argument("--steps", type=int, default=None, help="RL steps per run (default: train.py's lab default)")
     g.add_argument("--eval-every", type=int, default=None, help="held-out eval interval in steps (default: train.py's lab default)")
+    g.add_argument("--levels", default=None, help="sparsity sweep: comma-separated lab levels L (train.py --lab-level), each optionally with its step budget as L:steps; runs go to OUT/L<L>/")
     g.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
     g = p.add_argument_group("how")
     g.add_argument("--out", default=os.path.join("results", "lab"), help="study directory: OUT/<method>/s<seed>/, OUT/summary.json, OUT/plots/")
@@ -461,8 +628,36 @@ def normalize(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def main_sweep(args: argparse.Namespace) -> dict:
+    """--levels: the first study at each level, then OUT/summary.json and the sweep plots."""
+    levels = parse_levels(args.levels)
+    path = os.path.join(args.out, "summary.json")
+    if args.table:
+        summary = json.load(open(path))
+        print(sweep_table(summary))
+        return summary
+    t0 = time.time()
+    for level, steps in levels:
+        sub = level_args(args, level, steps)
+        if not args.plots_only:
+            print(f"=== level {level:g}: {sub.steps or 'default'} steps, out {sub.out}")
+        main(sub)  # the level's own summary.json, plots and table
+    prev = json.load(open(path)).get("meta", {}) if os.path.isfile(path) else {}
+    meta = prev if args.plots_only else {**prev, "levels": args.levels, "train_args": args.train_args, "eval_every": args.eval_every, "jobs": args.jobs,
+                                         "threads": args.threads, "study_wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    summary = summarize_sweep(args.out, levels, meta)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    paths = plot_sweep(args.out, summary, args.smooth)
+    print(f"\nwrote {path}" + (f" and {len(paths)} sweep plots in {os.path.join(args.out, 'plots')}" if paths else ""))
+    print(sweep_table(summary))
+    return summary
+
+
 def main(args: argparse.Namespace) -> dict:
     args = normalize(args)
+    if args.levels:
+        return main_sweep(args)
     path = os.path.join(args.out, "summary.json")
     if args.table:
         summary = json.load(open(path))

@@ -11,12 +11,15 @@ One step (SPEC section 1; every line below is a banner in the loop):
   3) A_seq      GRPO z-score within each group (antisd.group_advantages)
   4) context    teacher prompt per rollout: a correct OTHER rollout of the group (else the
                 reference) + "Your answer is (in)correct." (antisd.teacher_prompts)
-  5) scores     s_t = log pi(y_t|x,y_<t), t_t = log pi(y_t|x,c,y_<t) of the SAME response
-                tokens under no_grad, teacher entropy H_t; u = t - s (antisd.pmi)
+  5) scores     the teacher: t_t = log pi(y_t|x,c,y_<t) of the SAME response tokens under
+                no_grad and its entropy H_t, each distinct teacher prompt computed once
+                (scores_in_chunks -> model.shared_prefix_logprobs)
   6) gate       H = median teacher entropy of the step; lam = 0.5 * g (gate.EntropyGate)
-  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages)
-  8) update     clipped policy gradient, token-mean over the WHOLE step (micro-batches
-                share one token count), AdamW, grad-norm clip 1.0, KL 0
+  7) A_{i,t}    A_seq - lam * phi(u) (or the variant's formula; antisd.token_advantages),
+                a function of whole rows that 8) applies to each micro-batch
+  8) update     per micro-batch: the student forward (with grad) gives s_t, u = t - s, A_{i,t};
+                clipped policy gradient, token-mean over the WHOLE step (micro-batches share
+                one token count), AdamW, grad-norm clip 1.0, KL 0 (accumulate_grads)
   9) log/save   metrics.jsonl, console line, sample dumps, atomic checkpoints
 
 --recipe official runs the authors' launcher instead of the paper's text (README "Which
@@ -24,10 +27,12 @@ AntiSD?"): 4) group-only peers cut at the final answer, 6) a per-response lambda
 teacher's perplexity (gate.PerplexityGate), 7) the token term on a clipped u, z-scored within
 each response (antisd.official_token_advantages).
 
-Strictly on-policy by default (one optimizer update per rollout batch): old_logp = s_t from
-step 5, so the PPO ratio is 1 at the update and the clip never binds; the clipped form is
-kept so forks can add more epochs. GRPO runs skip the teacher pass (its only extra cost)
-unless --log-teacher asks for the teacher's entropy anyway (the lab study plots it).
+Strictly on-policy (one optimizer update per rollout batch): old_logp = s_t = the update
+forward's own detached log-probs, so the PPO ratio is exactly 1 and the clip never binds, and
+the student runs once per step (the clipped form is kept so forks can add more epochs; they
+then need a student scoring pass before the first update: see accumulate_grads). So a GRPO
+step is rollouts + one forward/backward; AntiSD adds only the teacher pass, and GRPO runs
+that only when --log-teacher asks for the teacher's entropy and u (the lab study plots them).
 
 The lab (--model tiny, the default) adds a cached supervised warm start and held-out
 evaluation; see lab.py for how the lab maps onto the paper's setting. Other models train on
@@ -76,7 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="tiny", help='"tiny" (the CPU lab), a hub id, a local HF directory, or "random:<hub id>"')
     g.add_argument("--data", default=None, help='training problems: a data.py spec ("dapo", hub id, local .jsonl/.parquet with problem/answer); default: the lab task for tiny, "dapo" otherwise')
-    g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (thinking models); default: the template's own default")
+    g.add_argument("--enable-thinking", default=None, choices=["true", "false"], help="passed to the chat template (Qwen3 thinking models); default false: the paper ran Qwen3-8B / 30B-A3B non-thinking, as the authors' launcher does (enable_thinking: false); the lab: its template's own default (no thinking mode)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype; default fp32 on CPU, bf16 on GPU")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:1; default cuda if available")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for the lab (on 2 cores a second thread is 1.3-1.4x faster when the machine is idle and 2-12x slower when anything else runs: LOG.md), torch's own default otherwise")
@@ -120,6 +125,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (older ones of this run are deleted; 0 = keep all)")
     g.add_argument("--sample-every", type=int, default=10, help="dump one rollout with per-token u every N steps (0 = never)")
     g.add_argument("--warm-steps", type=int, default=None, help="lab only: supervised warm-start steps (cached in .cache/; default lab.py's 600; 0 = none, RL from the random model)")
+    g.add_argument("--lab-level", type=float, default=0.0, help="lab only: difficulty L in [0, 1), a weaker warm start (lab.level_config): 0 = the default lab; higher = sparser step-0 reward (more all-wrong groups)")
     g = p.add_argument_group("memory and several GPUs (memory.py, dist.py)")
     g.add_argument("--grad-ckpt", default="auto", choices=["auto", "on", "off"], help="recompute each decoder layer in backward (activation memory of one layer instead of all); auto: on for real models, off for the lab")
     g.add_argument("--optim-states", default="fp32", choices=["fp32", "param"], help="AdamW state of bf16 models: fp32 = fp32 master weights + moments (16 B/param in all; lr-1e-6 updates survive), param = moments in bf16, no master (8 B/param; bf16 rounds most such updates away); the same for fp32 models")
@@ -168,6 +174,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import antisd  # noqa: E402
+import data as data_lib  # noqa: E402
 import dist as dist_lib  # noqa: E402
 import gate as gate_lib  # noqa: E402
 import memory  # noqa: E402
@@ -189,6 +196,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.len_mask = round(antisd.LEN_MASK_FRACTION * args.max_new_tokens) if args.recipe == "official" else 0
     if args.gate is None:
         args.gate = "none" if args.method == "sd" else "median"
+    if args.enable_thinking is None and not lab:
+        args.enable_thinking = "false"  # the paper's setting (issue 10); the templates' own default turns Qwen3's thinking on
     if args.grad_ckpt == "auto":
         args.grad_ckpt = "off" if lab else "on"
     if args.data is None:
@@ -233,6 +242,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
         (not (args.dtype == "float16" and on_cpu), "--dtype float16 on CPU: CPUs have no fast fp16 kernels (the lab's warm start takes ~10x longer) and training has no loss scaling; use float32 on CPU, bfloat16 on a GPU"),
         (args.data != "lab" or lab, "--data lab needs --model tiny"),
+        (0 <= args.lab_level < 1 and (args.lab_level == 0 or args.data == "lab"), "--lab-level must be in [0, 1) and needs the lab (--model tiny)"),
         (args.tp >= 1, "--tp must be >= 1"),
         (args.micro_batch_tokens is None or args.micro_batch_tokens >= 1, "--micro-batch-tokens must be >= 1"),
         (args.sample_rows is None or args.sample_rows >= args.group_size, "--sample-rows must be >= --group-size (a prompt's samples start together)"),
@@ -333,42 +343,113 @@ def next_problems(task: Task, state: dict, B: int) -> list[dict]:
     return out
 
 
-def scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, *, rows, no_teacher, temperature, with_teacher):
-    """antisd.pmi (or the student score alone) over chunks of `rows` rollouts.
+def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, with_entropy=True):
+    """No-grad scores of the response tokens behind `prompts`, chunk by chunk (model.shared_prefix_logprobs).
 
-    Rows are scored in order of (longest prompt + response length), so each chunk holds rows
-    of similar length and little padding: every chunk is padded to its own longest prompt and
-    response. Each row's scores do not depend on which rows share its chunk (tested in
-    tests/test_model.py), only the padding work does.
-    Returns u, teacher entropy, student logp, each (N, T) fp32 (u and entropy are None
-    without the teacher pass).
+    The step's one scoring pass (section 5): the teacher's (prompts = teacher prompts), or the
+    student's for the no-teacher ablation (its entropy is the gate's statistic). Also the
+    extension point for a fork that reuses a rollout batch (see accumulate_grads): old_logp =
+    scores_in_chunks(model, student_prompts, ..., with_entropy=False)[0] before the first update.
+
+    Rows with the same prompt are put in the same chunk (whole groups of identical prompts, up
+    to `rows` rows; a bigger group is split), so each distinct prompt is computed once per
+    step; groups are ordered by prompt length, so a chunk's prompts are of similar length
+    (inside a chunk, shared_prefix_logprobs buckets prompts and responses by length). A row's
+    scores do not depend on its chunk (tested).
+    Returns logp (N, T), entropy (N, T) or None, and the work: prompt tokens computed
+    ("prompt_tokens") vs the per-row total ("prompt_tokens_rows").
     """
     N, T = responses.shape
-    out = {k: torch.zeros(N, T, device=responses.device) for k in ("u", "ent", "s")}
-    tps = teacher_prompts if (with_teacher and not no_teacher) else student_prompts
-    order = sorted(range(N), key=lambda i: (len(tps[i]) + int(lengths[i]), i))  # similar lengths together
-    for a in range(0, N, rows):
-        ids = order[a : a + rows]
+    lens = lengths.tolist()
+    groups: dict[tuple, list[int]] = {}  # identical prompts -> their rows
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    chunks, cur = [], []
+    for g in sorted(groups.values(), key=lambda g: (len(prompts[g[0]]), g[0])):
+        g = sorted(g, key=lambda j: (lens[j], j))
+        if cur and len(cur) + len(g) > rows:  # keep a group whole: start the next chunk
+            chunks.append(cur)
+            cur = []
+        while len(g) > rows:  # a group bigger than a chunk: split it
+            chunks.append(g[:rows])
+            g = g[rows:]
+        cur += g
+    chunks.append(cur)
+    logp = torch.zeros(N, T, device=responses.device)  # (N, T)
+    ent = torch.zeros(N, T, device=responses.device) if with_entropy else None  # (N, T)
+    work = {"prompt_tokens": 0, "prompt_tokens_rows": 0}
+    for ids in chunks:
         idx = torch.tensor(ids, device=responses.device)  # (n,) rows of this chunk
         Tm = int(lengths[idx].max())  # trim the chunk to its longest response
-        resp, lens = responses[idx, :Tm], lengths[idx]  # (n, Tm), (n,)
-        sp = [student_prompts[i] for i in ids]
-        if with_teacher:
-            tp = None if no_teacher else [teacher_prompts[i] for i in ids]
-            u, ent, s, _ = antisd.pmi(model, sp, tp, resp, lens, no_teacher=no_teacher, temperature=temperature)
-            out["u"][idx, :Tm], out["ent"][idx, :Tm] = u, ent
-        else:
-            with torch.no_grad():
-                s, _ = model_lib.response_logprobs(model, sp, resp, lens, temperature=temperature)
-        out["s"][idx, :Tm] = s
-    return (out["u"], out["ent"], out["s"]) if with_teacher else (None, None, out["s"])
+        lp, e, w = model_lib.shared_prefix_logprobs(model, [prompts[i] for i in ids], responses[idx, :Tm], lengths[idx], temperature=temperature, with_entropy=with_entropy)
+        logp[idx, :Tm] = lp
+        if with_entropy:
+            ent[idx, :Tm] = e
+        work = {k: work[k] + w[k] for k in work}
+    return logp, ent, work
+
+
+def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None):
+    """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
+    gradients accumulate in .grad (the caller clips and steps).
+
+    batches: the micro-batches, each a LongTensor of row indices (or a slice of rows).
+    Per micro-batch (rows `idx`, padded to its longest response Tm):
+        logp  = log pi(y_t | x, y_<t)            (n, Tm) the student forward, with grad
+        s     = logp.detach()                    s_t = old_logp (strictly on-policy)
+        u     = t - s                            antisd.pmi_from_logprobs (None without a teacher pass)
+        A     = token_adv(idx, u, mask)          section 7's function of whole rows
+        loss  = antisd.policy_loss(logp, s, A, mask, num_tokens)   token-mean over the WHOLE step
+    One optimizer update per rollout batch (what train.py does) makes old_logp the update
+    forward's own detached logp: the PPO ratio is exactly 1, so there is no separate student
+    scoring pass (GRPO has no scoring pass at all, AntiSD only the teacher's).
+    EXTENSION POINT for a fork that reuses a batch (PPO epochs, several mini-batches per
+    rollout batch): old_logp must then be fixed before the first update, e.g.
+    old_logp, _, _ = scores_in_chunks(model, student_prompts, responses, lengths, ..., with_entropy=False),
+    and passed here at every update; s (hence u) is then that old_logp, the sampling policy's.
+    teacher_logp: (N, T) t_t from section 5 (zeros for the no-teacher ablation), or None.
+    Returns (the loss summed over micro-batches, s (N, T), u (N, T) or None).
+    """
+    N, T = responses.shape
+    s_all = torch.zeros(N, T, device=responses.device)  # (N, T)
+    u_all = None if teacher_logp is None else torch.zeros(N, T, device=responses.device)  # (N, T)
+    loss_sum = 0.0
+    for idx in batches:
+        if isinstance(idx, slice):
+            idx = torch.arange(N, device=responses.device)[idx]
+        idx = idx.to(responses.device)  # (n,) rows
+        Tm = int(lengths[idx].max())
+        lens = lengths[idx]  # (n,)
+        m = antisd.mask_from_lengths(lens, Tm)  # (n, Tm)
+        prompts = [student_prompts[i] for i in idx.tolist()]
+        logp, _ = model_lib.response_logprobs(model, prompts, responses[idx, :Tm], lens, temperature=temperature)  # (n, Tm)
+        s = logp.detach() if old_logp is None else old_logp[idx, :Tm]  # (n, Tm)
+        u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
+        adv = token_adv(idx, u, m)  # (n, Tm)
+        loss = antisd.policy_loss(logp, s, adv, m, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens)
+        dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
+        loss_sum += loss.item()
+        s_all[idx, :Tm] = s
+        if u is not None:
+            u_all[idx, :Tm] = u
+    return loss_sum, s_all, u_all
 
 
 def quantile(x: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(x.float(), q)) if x.numel() else float("nan")
+    """torch.quantile(x, q) (linear interpolation between the order statistics) without its 2^24-element
+    limit (issue 10: 64 x 8 x 32K valid tokens is more): at most two kthvalue calls. nan when empty."""
+    x = x.detach().flatten().float()  # (M,)
+    n = x.numel()
+    if n == 0:
+        return float("nan")
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    a = float(x.kthvalue(lo + 1).values)
+    frac = pos - lo
+    return a if frac == 0 else a + frac * (float(x.kthvalue(min(lo + 2, n)).values) - a)
 
 
-def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> str:
+def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick=None) -> str:
     """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename. Every rank calls it
     (TP / FSDP: the model is gathered to rank 0, which writes it; each rank writes its optimizer
     shards to optimizer/); rank 0 writes the rest. A failed write (disk full) removes the temp
@@ -379,7 +460,7 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> s
         shutil.rmtree(tmp, ignore_errors=True)
     D.barrier()
     try:
-        _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final)
+        _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final, pick)
     except Exception as e:  # disk full, quota, I/O error: say which, leave no temp dir
         raise SystemExit(runs.write_failed(f"checkpoint-{step}", e, args.out, cleanup=tmp if D.is_main else None)) from e
     if D.is_main:
@@ -388,17 +469,18 @@ def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D) -> s
     return final
 
 
-def _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final) -> None:
+def _write_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, tmp, final, pick=None) -> None:
     dist_lib.save_model(model, tokenizer, tmp, D)
     opt_state = dist_lib.save_optimizer(opt, tmp, D)  # the state dict in one process, None when sharded on disk
     samplers = D.gather_object(gen.get_state())  # FSDP: every data-parallel rank's own sampling stream
+    pickers = D.gather_object(pick.get_state()) if pick is not None else None  # ... and its own teacher-context choices
     if D.is_main:
         trainer_state = {
             "step": step,
             "optimizer": opt_state,
             "gate": gate.state_dict(),
             "data": dict(state),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(), "samplers": samplers,
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "sampler": gen.get_state(), "samplers": samplers, "teacher_pickers": pickers,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "args": vars(args),
         }  # fmt: skip
@@ -451,19 +533,42 @@ def find_resume(args, given: set[str]) -> tuple[argparse.Namespace, str | None, 
     return args, path, bad
 
 
-def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
-    """Held-out accuracy: the lab's avg@k, or eval.py's Avg over --eval-bench."""
+def evaluate(args, task, model, tokenizer, step: int, benches=None, D=None) -> dict:
+    """Held-out accuracy: the lab's avg@k, or eval.py's Avg over --eval-bench.
+
+    FSDP: each rank evaluates every dp_size-th problem (its share) and the counts are summed over
+    the ranks (issue 10: every rank once ran the whole benchmark). Always in eval mode."""
+    D = D or dist_lib.Dist()
+    model.eval()  # (the update left it in train mode; sample() switches too)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(10_000 + args.seed)  # same eval draws every time
     if task.lab:
         import lab
 
-        with dist_lib.unsharded(model):  # FSDP: whole layers for decoding (every rank evaluates, rank 0 logs)
-            return lab.evaluate(model, tokenizer, task.held_out, k=args.eval_k or 4, max_new_tokens=args.max_new_tokens, generator=g)
+        k, mine = args.eval_k or 4, task.held_out[D.dp_rank :: D.dp_size]
+        r = None
+        if mine:
+            with dist_lib.unsharded(model):  # FSDP: whole layers for decoding
+                r = lab.evaluate(model, tokenizer, mine, k=k, max_new_tokens=args.max_new_tokens, generator=g)
+        if D.dp_size == 1:
+            return r
+        n = len(mine) * k  # samples: counts from the rates, summed over ranks
+        c, s, cs, cd = (r["eval_acc"] * n, r["frac_search"] * n, r["acc_search"] * r["frac_search"] * n, r["acc_direct"] * (1 - r["frac_search"]) * n) if r else (0.0,) * 4
+        n, c, s, cs, cd = (D.sum(float(x)) for x in (n, c, s, cs, cd))
+        return {"eval_acc": c / n, "frac_search": s / n, "acc_search": cs / max(1.0, s), "acc_direct": cd / max(1.0, n - s)}
     import eval as eval_lib
 
-    with dist_lib.unsharded(model):
-        res = eval_lib.run_benchmarks(model, tokenizer, benches, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"))
-    return {"eval_acc": res["Avg"] / 100.0, **{f"eval_{k}": v["avg"] for k, v in res["benches"].items()}}
+    mine = {name: {**b, "problems": b["problems"][D.dp_rank :: D.dp_size]} for name, b in benches.items()}
+    todo = {name: b for name, b in mine.items() if b["problems"]}
+    res = {"benches": {}}
+    if todo:
+        with dist_lib.unsharded(model):  # TP: the plan's rows per wave (its KV heads are split); else what fits
+            res = eval_lib.run_benchmarks(model, tokenizer, todo, max_new_tokens=args.max_new_tokens, generator=g, enable_thinking=task.template_kw.get("enable_thinking"),
+                                          batch_size=args.sample_rows if D.mode == "tp" else None)  # fmt: skip
+    per = {}
+    for name, b in mine.items():  # the same order on every rank (collectives)
+        r, n = res["benches"].get(name), len(b["problems"]) * b["k"]
+        per[name] = r["avg"] if D.dp_size == 1 else 100.0 * D.sum(r["avg"] / 100.0 * n if r else 0.0) / D.sum(n)
+    return {"eval_acc": sum(per.values()) / len(per) / 100.0, **{f"eval_{k}": v for k, v in per.items()}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,6 +579,7 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None) -> dict:
 @runs.scoped  # handlers and the --out lock are given back however main ends (an in-process caller reruns)
 def main(args: argparse.Namespace) -> dict:
     given = typed_flags(args)
+    memory.configure_cuda_allocator()  # expandable segments, before the first CUDA allocation
     args = resolve_args(args)
     args, resume_from, corrupt = find_resume(args, given)  # --resume: the run's own flags and checkpoint
     if resume_from and os.path.basename(resume_from) == f"checkpoint-{args.steps}":
@@ -495,13 +601,15 @@ def main(args: argparse.Namespace) -> dict:
                 if n := runs.truncate_log(os.path.join(args.out, name), k):
                     print(f"resume: dropped {n} lines of {name} written after step {k} (those steps run again)")
     D.barrier()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    # the lab is fp32 unless told otherwise, also when it resumes from a checkpoint directory (which
+    # model.load would otherwise load in bf16 on CUDA, beside an optimizer state saved for fp32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.model == "tiny" else None)
     model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
     task = Task(args, tokenizer)
     if task.lab and not (resume_from or args.init_from):
         import lab
 
-        warm_kw = {} if args.warm_steps is None else {"steps": args.warm_steps}
+        warm_kw = lab.warm_overrides(args.lab_level, args.warm_steps)
         with D.rank0_first():  # rank 0 trains and caches the warm start, the other ranks load the cache
             model = lab.warm_start(model, tokenizer, task.train, cache_dir=os.path.join(".cache", "lab"), **warm_kw)
     model = dist_lib.parallelize(model, tokenizer, D, scratch=os.path.join(args.out, ".tp-init"))  # TP shards / FSDP wrap
@@ -521,23 +629,31 @@ def main(args: argparse.Namespace) -> dict:
         gate = gate_lib.EntropyGate(args.warmup_steps, args.tau, args.lam, kind="mean" if args.gate == "mean" else "median", always_open=args.gate == "none")
     # rollouts + teacher-context choice; FSDP: each data-parallel rank its own stream, TP: the same on every rank
     gen = torch.Generator(device=device).manual_seed(args.seed + D.dp_rank)
+    # host-side choices (which correct peer goes into a teacher prompt) from a CPU generator of their
+    # own: a CUDA generator cannot draw CPU numbers (issue 10), and the sampler's stream stays untouched
+    pick = torch.Generator().manual_seed(args.seed + D.dp_rank + (1 << 32))
     state = {"cursor": 0, "data_seed": args.seed}
     random.seed(args.seed)
     start = 0
     if resume_from:
-        ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        dist_lib.load_optimizer(opt, resume_from, ts["optimizer"], D)  # TP / FSDP: the sharded optimizer/ dir
+        # on the host, paged in from disk as it is copied into the live states (issue 10: a plain load put a
+        # second copy of the 45 GiB of AdamW states on the GPU of a 4B run); freed below
+        ts = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=False)
+        dist_lib.load_optimizer(opt, resume_from, ts["optimizer"], D)  # copied into opt's own tensors; TP / FSDP: the sharded optimizer/ dir
         gate.load_state_dict(ts["gate"])
-        state = ts["data"]
+        state = dict(ts["data"])
         random.setstate(ts["rng"]["python"])
         torch.set_rng_state(ts["rng"]["torch"])
         samplers = ts["rng"].get("samplers") or [ts["rng"]["sampler"]]
         if len(samplers) != D.dp_size:
             raise SystemExit(f"train.py: --resume: the checkpoint has {len(samplers)} data-parallel sampling streams, this run {D.dp_size}")
         gen.set_state(samplers[D.dp_rank])
+        if ts["rng"].get("teacher_pickers") is not None:  # (checkpoints before issue 10 drew them from the sampler's stream)
+            pick.set_state(ts["rng"]["teacher_pickers"][D.dp_rank])
         if ts["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         start = ts["step"]
+        del ts, samplers  # nothing of the checkpoint stays referenced
         print(f"resumed from {resume_from} at step {start}")
 
     # --- the memory plan (memory.py): printed; on a GPU it sets the micro-batch and sampling budgets ---
@@ -571,16 +687,17 @@ def main(args: argparse.Namespace) -> dict:
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would land inside the step table
 
     use_teacher = args.method != "grpo" or args.log_teacher
-    eos = [tokenizer.eos_token_id]
+    eos = model_lib.stop_token_ids(model, tokenizer)  # the tokenizer's EOS and the generation config's (eval.py's too)
     par = {"single": "", "tp": f" | tensor parallel {D.world}", "fsdp": f" | FSDP over {D.world} ranks, B {B} each"}[D.mode]
     if args.method == "grpo":
         how = "no token term" + (", teacher logged" if args.log_teacher else "")
     else:
         how = f"lam {args.lam} gate {args.gate} tau {args.tau}" if args.recipe == "paper" else f"recipe official (per-response lambda, len-mask {args.len_mask})"
-    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
+    think = "template default" if args.enable_thinking is None else args.enable_thinking
+    print(f"model {args.model} ({n_params / 1e6:.1f}M params, {model.dtype}, {device}) | thinking {think} | method {args.method} {how} | B {args.prompts_per_step} x G {G} | lr {args.lr} | out {args.out}{par}")
     summary = {}
     if start == 0 and (args.eval_every or task.lab or benches):
-        ev = evaluate(args, task, model, tokenizer, 0, benches)
+        ev = evaluate(args, task, model, tokenizer, 0, benches, D)
         log({"step": 0, **ev})
         summary["eval_before"] = ev["eval_acc"]
         print(f"eval step 0: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
@@ -590,7 +707,7 @@ def main(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None if D.is_main else True)
     step = start
     for step in range(start + 1, args.steps + 1):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()  # wall and this process's CPU time (the CPU one ignores other jobs' load)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model.eval()  # no dropout in sampling or scoring; the tiny/Qwen3 models have none anyway
@@ -611,8 +728,8 @@ def main(args: argparse.Namespace) -> dict:
         t_sample = time.time() - t0
 
         # --- 2) rewards: graded answers; truncated (no EOS) = 0 ---
-        texts = tokenizer.batch_decode(roll.to_lists(), skip_special_tokens=True)
-        graded = task.grade(texts, [problems[i // G]["answer"] for i in range(N)])
+        texts = data_lib.graded_texts(tokenizer, responses, lengths, roll.finished, [data_lib.think_prefix(tokenizer, prompts[i // G]) for i in range(N)])  # as eval.py grades
+        graded = D.from_main(lambda: task.grade(texts, [problems[i // G]["answer"] for i in range(N)]))  # TP: graded once (rank 0)
         rewards = torch.tensor(graded, device=device) * roll.finished.float()  # (N,)
 
         # --- 3) GRPO sequence advantages ---
@@ -623,23 +740,29 @@ def main(args: argparse.Namespace) -> dict:
         student_prompts = [prompts[i // G] for i in range(N)]  # prompt-major rows
         teacher_prompts = None
         if use_teacher and not args.no_teacher:
-            teacher_prompts = antisd.teacher_prompts(
+            teacher_prompts = D.from_main(lambda: antisd.teacher_prompts(  # TP: built once (the official recipe grades peers' answers)
                 tokenizer, [task.user_text(p) for p in problems], responses, lengths, rewards, G,
                 references=[task.reference(p) for p in problems], max_solution_tokens=args.max_solution_tokens,
-                enable_thinking=task.template_kw.get("enable_thinking"), generator=gen,
+                enable_thinking=task.template_kw.get("enable_thinking"), generator=pick,
                 recipe=args.recipe, answers=[p["answer"] for p in problems], answer_match=task.answer_match,
-            )  # fmt: skip
+            ))  # fmt: skip
 
-        # --- 5) scores: student s_t (= old_logp) and teacher t_t of the same tokens, u = t - s ---
-        with dist_lib.unsharded(model):
-            u, t_ent, old_logp = scores_in_chunks(model, student_prompts, teacher_prompts, responses, lengths, rows=args.micro_batch,
-                                                  no_teacher=args.no_teacher, temperature=args.temperature, with_teacher=use_teacher)  # fmt: skip
+        # --- 5) scores: the teacher's t_t of the SAME response tokens and its entropy H_t (the gate's),
+        #        no_grad, each distinct teacher prompt once; s_t comes from the update's own forward (8) ---
+        t_logp, t_ent, work = None, None, None  # (N, T) each
+        if use_teacher:
+            with dist_lib.unsharded(model):  # no-teacher ablation: the student's pass (its entropy), t := 0
+                t_logp, t_ent, work = scores_in_chunks(model, student_prompts if args.no_teacher else teacher_prompts, responses, lengths,
+                                                       rows=args.micro_batch, temperature=args.temperature)  # fmt: skip
+            if args.no_teacher:
+                t_logp = torch.zeros_like(t_logp)  # u = -s
         t_score = time.time() - t1
 
+        was_warming = gate.warming_up  # (the console's 'warm'; the record logs the state THIS step used, gate.open_this_step)
         # --- 6) the entropy gate (statistic over the whole step's batch: FSDP gathers every rank's tokens) ---
         lam_rows = None
         if args.recipe == "official" and args.method != "grpo":  # lambda per response from the teacher's perplexity
-            tppl = antisd.teacher_perplexity(u + old_logp, mask)  # (N,) t = u + s (pmi's u = t - s)
+            tppl = antisd.teacher_perplexity(t_logp, mask)  # (N,) from the teacher pass (section 5)
             gate.update(D.gather(tppl))  # the step's statistic: every rank's rows
             lam_rows = gate.lam_rows(tppl).float()  # (N,) this rank's rows
             h, lam = float("nan"), float(D.gather(lam_rows).mean())
@@ -650,37 +773,39 @@ def main(args: argparse.Namespace) -> dict:
         else:
             h, lam = float("nan"), 0.0
 
-        # --- 7) per-token advantages ---
-        if args.recipe == "official":  # per whole row: any micro-batch of rows with lam_rows[idx] gives its rows' values
-            adv, zeroed = antisd.official_token_advantages(seq_adv, u, mask, method=args.method, lam=lam_rows, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)  # (N, T)
-            # warm-up (lambda = 0): sigma_ref of the u-clip, torch.std over the step's valid tokens (formed per
-            # micro-batch, accumulate n, sum u, sum u^2 in fp64 and record once per step)
-            if args.method != "grpo" and gate.needs_u_std:
-                uv = D.gather(u[mask])  # (M,) the step's valid tokens
-                gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
-        else:
-            adv = antisd.token_advantages(seq_adv, u, mask, method=args.method, lam=lam)  # (N, T)
+        # --- 7) per-token advantages: a function of whole rows, applied in 8) to each micro-batch, whose
+        #        forward gives s_t (= old_logp) and so u = t - s there (antisd.pmi_from_logprobs) ---
+        zeroed_n = [0]  # official recipe: u tokens zeroed by the u-clip, summed over the micro-batches
+        term_abs = [0.0]  # sum of |A_{i,t} - A_seq_i| over valid tokens (issue 15: the token term's size), over the micro-batches
+
+        def token_adv(idx, u, m):  # rows idx (n,) LongTensor, u and m (n, Tm) -> A_{i,t} (n, Tm)
+            if args.recipe == "official":  # per whole row: lam_rows[idx] gives these rows' values
+                lam_i = None if lam_rows is None else lam_rows[idx]  # (n,)
+                a, z = antisd.official_token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam_i, sigma_ref=gate.sigma_ref, len_mask=args.len_mask)
+                zeroed_n[0] += int(z.sum())
+            else:
+                a = antisd.token_advantages(seq_adv[idx], u, m, method=args.method, lam=lam)
+            term_abs[0] += float(((a - seq_adv[idx].float()[:, None]).abs() * m).sum())
+            return a
 
         # --- 8) update: one token count for the whole step (all ranks), any micro-batch split ---
         t2 = time.time()
         model.train()
         num_tokens = D.sum(int(lengths.sum()))
-        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens; FSDP:
-        # the same number on every rank (each forward/backward all-gathers every layer)
-        batches = memory.micro_batches([len(p) for p in student_prompts], lengths.tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
-        batches = memory.split_to(batches, D.max(len(batches)))
+        # micro-batches of <= --micro-batch rows and <= --micro-batch-tokens padded tokens, over the
+        # rows in order of length (each micro-batch is padded to its longest row: a search response
+        # next to a one-line answer would be mostly padding); FSDP: the same number on every rank
+        # (each forward/backward all-gathers every layer)
+        order = sorted(range(N), key=lambda i: (len(student_prompts[i]) + int(lengths[i]), i))  # N rows
+        batches = memory.micro_batches([len(student_prompts[i]) for i in order], lengths[order].tolist(), max_rows=args.micro_batch, max_tokens=args.micro_batch_tokens)
+        order = torch.tensor(order, device=device)  # (N,) position in the sorted order -> row
+        batches = [order[b] for b in memory.split_to(batches, D.max(len(batches)))]  # row indices of each micro-batch
         opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for idx in batches:
-            Tm = int(lengths[idx].max())
-            logp, _ = model_lib.response_logprobs(model, student_prompts[idx], responses[idx, :Tm], lengths[idx], temperature=args.temperature)
-            loss = antisd.policy_loss(logp, old_logp[idx, :Tm], adv[idx, :Tm], mask[idx, :Tm],
-                                      clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
-            dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
-            loss_sum += loss.item()
+        loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
+                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
-        dist_lib.sync_replicated_grads(model, D)  # FSDP: sum the grads of the unsharded embedding / head
-        grad_norm = dist_lib.clip_grad_norm_(model.parameters(), args.grad_clip)  # DTensor-aware (TP, FSDP)
+        dist_lib.sync_replicated_grads(model, D, opt)  # FSDP: sum the grads of the unsharded embedding / head
+        grad_norm = dist_lib.clip_grads_(opt.grads(), args.grad_clip)  # the fp32 sums (memory.AdamW), DTensor-aware (TP, FSDP)
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_sum))
         if skipped:  # never let a NaN/inf reach the weights (or a checkpoint)
             opt.zero_grad(set_to_none=True)
@@ -689,6 +814,11 @@ def main(args: argparse.Namespace) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)  # free the gradients before the next rollouts (memory.py counts on it)
         t_update = time.time() - t2
+        if args.recipe == "official" and args.method != "grpo" and gate.needs_u_std:
+            # warm-up (lambda = 0): sigma_ref of the u-clip, the std over the step's valid tokens of the
+            # u formed in the update (recorded after it: this step's advantages did not use it)
+            uv = D.gather(u[mask])  # (M,) the step's valid tokens
+            gate.record_u_std(float(uv.std()) if uv.numel() > 1 else 0.0)
 
         # --- 9) log ---
         dt = time.time() - t0
@@ -698,25 +828,30 @@ def main(args: argparse.Namespace) -> dict:
             lam_all, tppl_all = D.gather(lam_rows), D.gather(tppl)  # (N_all,) each
             long_rows = D.gather(lengths >= args.len_mask) if args.len_mask else torch.zeros(0, dtype=torch.bool)
             off = {"lam_std": float(lam_all.std()) if lam_all.numel() > 1 else 0.0, "lam_max": float(lam_all.max()),
-                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(int(zeroed.sum())) / num_tokens,
+                   "lam_pos_frac": float((lam_all > 0).float().mean()), "u_zeroed_frac": D.sum(zeroed_n[0]) / num_tokens,
                    "sigma_ref": gate.sigma_ref, "tppl_mean": float(tppl_all.mean()), "tppl_target": gate.target,
                    "tppl_masked_frac": float((tppl_all > gate.mask).float().mean()),
                    "len_masked_frac": float(long_rows.float().mean()) if long_rows.numel() else 0.0}  # fmt: skip
+        # the token term's size next to A_seq's (issue 15): mean |adv - A_seq| and mean |A_seq| over the step's valid tokens
+        tok_term_abs = D.sum(term_abs[0]) / num_tokens
+        seq_adv_abs = D.sum(float((seq_adv.float().abs() * lengths).sum())) / num_tokens
         if D.dp_size > 1:  # FSDP: gather every rank's rows (rank order = the step's batch), so the record is the step's
             rewards, lengths, finished = D.gather(rewards), D.gather(lengths), D.gather(finished)
             old_logp, u, t_ent = (D.gather(x) if x is not None else None for x in (old_logp, u, t_ent))
             mask = antisd.mask_from_lengths(lengths, old_logp.shape[1])
         valid_u = u[mask] if u is not None else torch.zeros(0)
         rec = {
-            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt,
+            "step": step, "loss": loss_sum, "reward_mean": float(rewards.mean()), "step_time": dt, "step_cpu_time": time.process_time() - c0,
             "frac_zero_var": float((rewards.view(-1, G).std(-1) == 0).float().mean()),
+            "frac_all_wrong": float((rewards.view(-1, G).max(-1).values == 0).float().mean()),  # the sparse part of frac_zero_var
+            "tok_term_abs_mean": tok_term_abs, "seq_adv_abs_mean": seq_adv_abs,
             "resp_len_mean": float(lengths.float().mean()), "truncated_frac": float((~finished).float().mean()),
             # sample estimate of the policy's entropy: E_{y~pi}[-log pi(y)] = H(pi) (T=1)
             "policy_entropy": float(-old_logp[mask].mean()),
             "teacher_entropy_median": gate_lib.gate_statistic(t_ent, mask, "median") if use_teacher else None,
             "teacher_entropy_mean": gate_lib.gate_statistic(t_ent, mask, "mean") if use_teacher else None,
             "gate_stat": h if use_teacher else None, "gate_kind": gate.kind,
-            "gate_open": bool(gate.open) if use_teacher and args.method != "grpo" else None, "lam": lam, "recipe": args.recipe,
+            "gate_open": bool(gate.open_this_step) if use_teacher and args.method != "grpo" else None, "lam": lam, "recipe": args.recipe,
             **{k: off.get(k) for k in ("lam_std", "lam_max", "lam_pos_frac", "u_zeroed_frac", "sigma_ref", "tppl_mean", "tppl_target", "tppl_masked_frac", "len_masked_frac")},
             "u_mean": float(valid_u.mean()) if valid_u.numel() else None,
             "u_frac_neg": float((valid_u < 0).float().mean()) if valid_u.numel() else None,
@@ -725,6 +860,9 @@ def main(args: argparse.Namespace) -> dict:
             "phi_mean": float(antisd.phi(valid_u).mean()) if valid_u.numel() else None,
             "grad_norm": grad_norm, "skipped": skipped, "tokens_per_s": num_tokens / dt,
             "t_sample": t_sample, "t_score": t_score, "t_update": t_update,
+            # teacher prompt tokens computed (each distinct prompt once) vs scoring every row's own
+            "teacher_prompt_tokens": D.sum(work["prompt_tokens"]) if work else None,
+            "teacher_prompt_tokens_rows": D.sum(work["prompt_tokens_rows"]) if work else None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         }  # fmt: skip
         if task.lab:
@@ -732,12 +870,7 @@ def main(args: argparse.Namespace) -> dict:
 
             rec["frac_search"] = D.sum(sum(lab.classify(t) == "search" for t in texts)) / len(rewards)
         log(rec)
-        if rec["gate_open"] is None:
-            gate_word = "   -"
-        elif gate.warming_up or (lam == 0 and gate.open and args.lam > 0):  # the last warmup step still has lambda 0
-            gate_word = "warm"
-        else:
-            gate_word = "open" if gate.open else "shut"
+        gate_word = "   -" if rec["gate_open"] is None else "open" if rec["gate_open"] else "warm" if was_warming else "shut"
         f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
         tqdm.write(
             f"{step:4d} | {f(rec['loss'], 8, 4)} | {f(rec['reward_mean'], 6)} | {f(rec['resp_len_mean'], 5, 1)} | {f(rec['truncated_frac'], 5, 2)} | "
@@ -754,12 +887,12 @@ def main(args: argparse.Namespace) -> dict:
         bar.update(1)
 
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
-            ev = evaluate(args, task, model, tokenizer, step, benches)
+            ev = evaluate(args, task, model, tokenizer, step, benches, D)
             log({"step": step, **ev})
             tqdm.write(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         stopping = D.any(stop.requested())  # every rank stops at the same step
         if (args.save_every and step % args.save_every == 0 and step != args.steps) or stopping:  # the last step: saved below, once
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick)
         if stopping:
             tqdm.write(f"stopped ({stop.reason or 'another rank'}): saved checkpoint-{step}; continue with --resume --out {args.out}")
             summary["stopped"] = stop.reason or "STOP"
@@ -769,12 +902,12 @@ def main(args: argparse.Namespace) -> dict:
     # --- the end: final eval, final checkpoint, summary ---
     if "stopped" not in summary:
         if args.eval_every or task.lab or benches:
-            ev = evaluate(args, task, model, tokenizer, step, benches)
+            ev = evaluate(args, task, model, tokenizer, step, benches, D)
             log({"step": step, **ev})
             summary["eval_after"] = ev["eval_acc"]
             print(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in ev.items()))
         if step > start:
-            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D)
+            save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick)
     stop.close()
     if D.is_main:
         runs.unlock(args.out)

@@ -2,11 +2,13 @@
 
     python bench/bench_gpu.py                                   # on a GPU; writes bench/results/gpu_<card>.json
     python bench/bench_gpu.py --preset tiny --out /tmp/b.json   # the CPU smoke test (seconds; tests/test_bench_gpu.py)
+    bash bench/gpu_check.sh                                     # tests/test_cuda.py, then this (a lent GPU, no network)
 
 Random weights at the real shapes (model.py's `random:` presets, bf16, the tiny tokenizer:
 token ids < 151k, nobody reads the text), so nothing is downloaded. Sections, in priority
-order; each records its numbers, or why it was skipped (a time guard skips a section that
-would end past --budget-s, estimated from the sections before it):
+order; each records its numbers, or why it was skipped: every section has a time guard that
+skips it if it would end past --budget-s, estimated from the sections before it (the sampler's
+timed runs from their own warm-up):
 
   sampler  rollout.sample vs model.generate, random:Qwen/Qwen3-4B-Instruct-2507, 64 and 256
            rows (8 samples per prompt, ragged prompts of 64-192 tokens) x 1024 new tokens,
@@ -17,18 +19,24 @@ would end past --budget-s, estimated from the sections before it):
            bench_sampler.rollout_bytes_gb) / the card's peak bandwidth, over the measured time
            including the prefill (so a lower bound).
   step     one full train.py step of AntiSD and of GRPO, 32 prompts x 8 rollouts x
-           --step-new-tokens, bf16, AdamW with fp32 master weights and moments, gradient
-           checkpointing, the memory plan's budgets (train.py picks them on CUDA): time split
-           (sample / score / update) and peak memory, from train.py's own metrics.jsonl, the
-           second of two steps (the first warms up). Random weights never emit EOS, so every
-           response runs to the cap: the worst case. AntiSD's extra cost is the teacher pass.
+           --step-new-tokens, bf16, AdamW with fp32 master weights and moments, fp32 gradient
+           sums, gradient checkpointing, the memory plan's budgets (train.py picks them on CUDA):
+           time split (sample / score / update) and peak memory, from train.py's own
+           metrics.jsonl, the second of two steps (the first warms up). Random weights never
+           solve anything nor emit EOS, so one_correct_per_group marks the first rollout of
+           every group finished and correct: every teacher prompt holds a full-length peer
+           solution, as in a learning run (issue 10: otherwise a 10-token reference, and the
+           peer-choice code never ran). Every response runs to the cap: the worst case.
+  step:long  the paper's 8K-token responses on an 80 GB card: one AntiSD step of 2 prompts x 8
+           rollouts x 8192 new tokens with the allocator capped at 79.6 GiB and the memory plan
+           told so (as_if_card_gib): the plan's budgets must hold there, teacher pass included.
   longest  the longest response for which all 32 x 8 rollouts are sampled in ONE wave next to
            the training state (bf16 weights + the fp32 AdamW states; grads are freed while
            sampling, as in train.py): a binary search, each probe one sample() call whose KV
            cache is allocated for the full length at prefill, stopped after 16 decode steps
            (every token id counts as EOS). Next to it the memory plan's estimate.
   8b       random:Qwen/Qwen3-8B: the sampler section, and the step if the plan says the
-           training state fits this card (fp32 AdamW states: 16 B/param = 122 GiB).
+           training state fits this card (fp32 AdamW states and gradient sums: 18 B/param = 137 GiB).
 
 The JSON holds the card, torch / transformers versions, the git commit and every number; the
 table at the end is what bench/README.md records.
@@ -46,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -62,10 +71,10 @@ M4B, M8B = "random:Qwen/Qwen3-4B-Instruct-2507", "random:Qwen/Qwen3-8B"
 PRESETS = {
     # one H100 / H200
     "gpu": dict(models=[M4B, M8B], rows=[64, 256], n=8, new_tokens=1024, prompt=(64, 192), step_prompts=32, step_group=8,
-                step_new_tokens=512, budget_s=420),
+                step_new_tokens=512, long_prompts=2, long_new_tokens=8192, long_card_gib=79.6, budget_s=420),
     # CPU smoke test: the same code paths on the tiny model
     "tiny": dict(models=["tiny"], rows=[8, 16], n=4, new_tokens=16, prompt=(8, 24), step_prompts=4, step_group=4,
-                 step_new_tokens=16, budget_s=300),
+                 step_new_tokens=16, long_prompts=1, long_new_tokens=32, long_card_gib=None, budget_s=300),
 }  # fmt: skip
 
 
@@ -102,7 +111,9 @@ def ragged_prompts(B: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------
 
 
-def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak) -> dict:
+def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, deadline: float = float("inf")) -> dict:
+    """ours vs generate at one shape; a timed run whose estimate (from its warm-up) ends past `deadline`
+    (time.time()) is skipped and says so."""
     device = next(model.parameters()).device
     prompts = ragged_prompts(rows // n, *prompt_range)
     rep = [p for p in prompts for _ in range(n)]  # prompt-major, as generate gets them
@@ -122,8 +133,13 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak) -> 
 
     res = {"rows": N, "prompts": len(prompts), "new_tokens": T, "prompt_len_padded": P}
     for name, f in (("ours", ours), ("generate", generate)):
+        w0 = time.perf_counter()
         f(min(8, T))  # warm-up: kernels, allocator, lazy imports
         sync(device)
+        est = (time.perf_counter() - w0) * T / min(8, T)  # (an overestimate: the warm-up pays the first-call costs)
+        if time.time() + est > deadline:
+            res[name] = {"skipped": f"time guard: ~{est:.0f}s estimated, {deadline - time.time():.0f}s left"}
+            continue
         t0 = time.perf_counter()
         n_tok = f(T)
         sync(device)
@@ -133,6 +149,8 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak) -> 
         if device.type == "cuda":
             res[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
+    if "skipped" in res["ours"] or "skipped" in res["generate"]:
+        return res
     res["speedup"] = res["ours"]["tok_per_s"] / res["generate"]["tok_per_s"]
     if peak:
         floor = rollout_bytes_gb(model, N, P, T) / peak  # seconds at peak bandwidth
@@ -143,6 +161,34 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak) -> 
 # ---------------------------------------------------------------------------------------
 # step: train.py, one AntiSD step and one GRPO step
 # ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def one_correct_per_group(train_mod=train):
+    """Random weights never solve a problem nor stop, so every reward is 0 and every teacher prompt
+    holds the 10-token reference, never a peer's solution (issue 10 item 16: the peer-choice path,
+    where a CUDA generator once crashed, never ran). Inside this block train.py's rollouts are
+    marked finished and graded correct for the first rollout of every group, incorrect for the
+    rest: every group has one correct peer, every row a full-length teacher context. Also used
+    by tests/test_train.py and tests/test_cuda.py."""
+    real_sample, real_grade = train_mod.sample, train_mod.Task.grade
+    G = {}
+
+    def sample(model, prompts, *, n, **kw):
+        r = real_sample(model, prompts, n=n, **kw)
+        G["n"] = n
+        r.finished[::n] = True  # (N,) the first rollout of each group "emitted its EOS" at its length
+        return r
+
+    def grade(self, texts, answers):
+        return [1.0 if i % G["n"] == 0 else 0.0 for i in range(len(texts))]
+
+    train_mod.sample, train_mod.Task.grade = sample, grade
+    try:
+        yield
+    finally:
+        train_mod.sample, train_mod.Task.grade = real_sample, real_grade
+
 
 
 def write_problems(path: str, n: int = 32) -> str:
@@ -156,25 +202,82 @@ def write_problems(path: str, n: int = 32) -> str:
     return path
 
 
-def bench_step(model_name: str, method: str, cfg: dict, work: str, steps: int = 2) -> dict:
-    out = os.path.join(work, f"step-{method}-{model_name.replace('/', '_').replace(':', '_')}")
+class _CardOf:
+    """torch.cuda.get_device_properties(...) as a smaller card would report it (total_memory), the rest as is."""
+
+    def __init__(self, props, total: int):
+        self._props, self.total_memory = props, total
+
+    def __getattr__(self, k):
+        return getattr(self._props, k)
+
+
+@contextmanager
+def as_if_card_gib(gib: float | None):
+    """Run as if the GPU had `gib` GiB: the allocator is capped there (set_per_process_memory_fraction)
+    and train.py's memory plan reads that total. None: the card as it is."""
+    if gib is None or not torch.cuda.is_available():
+        yield
+        return
+    real = torch.cuda.get_device_properties
+    total = real(0).total_memory
+    gib = min(gib, total / 2**30)  # (a card smaller than that: itself)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+    torch.cuda.get_device_properties = lambda *a, **k: _CardOf(real(*a, **k), int(gib * 2**30))
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_properties = real
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def _grading_or_stub():
+    """The step sections never grade (one_correct_per_group sets the rewards), but train.py's real-model
+    task imports grading.py, whose math-verify a lent GPU may lack: stand in a stub then (said in the JSON)."""
+    try:
+        import math_verify  # noqa: F401
+
+        return None
+    except ImportError:
+        import types
+
+        def never(*a, **k):
+            raise RuntimeError("bench_gpu: the grading stub was called")
+
+        stub = types.ModuleType("grading")
+        stub.grade_many = stub.grade = never
+        sys.modules.setdefault("grading", stub)
+        return "math-verify not installed: grading.py stubbed (the rewards are set by one_correct_per_group)"
+
+
+def bench_step(model_name: str, method: str, cfg: dict, work: str, steps: int = 2, *, prompts: int | None = None,
+               new_tokens: int | None = None, card_gib: float | None = None, tag: str = "") -> dict:  # fmt: skip
+    """`steps` train.py steps (the last is reported; the first warms up), one correct rollout per group
+    (so the teacher prompt holds a full-length peer, as in a learning run), checkpoints off."""
+    prompts, new_tokens = prompts or cfg["step_prompts"], new_tokens or cfg["step_new_tokens"]
+    out = os.path.join(work, f"step-{method}{tag}-{model_name.replace('/', '_').replace(':', '_')}")
     argv = ["--model", model_name, "--data", os.path.join(work, "problems.jsonl"), "--method", method, "--steps", str(steps),
-            "--prompts-per-step", str(cfg["step_prompts"]), "--group-size", str(cfg["step_group"]),
-            "--max-new-tokens", str(cfg["step_new_tokens"]), "--warmup-steps", "1", "--sample-every", "0",
+            "--prompts-per-step", str(prompts), "--group-size", str(cfg["step_group"]),
+            "--max-new-tokens", str(new_tokens), "--warmup-steps", "1", "--sample-every", "0",
             "--save-every", str(10**9), "--eval-every", "0", "--seed", "0", "--out", out]  # fmt: skip
+    note = _grading_or_stub()
     args = train.get_parser().parse_args(argv)
     real_save = train.save_checkpoint
     train.save_checkpoint = lambda *a, **k: None  # a 4B checkpoint + optimizer is ~60 GB of disk writes: not what is timed
     try:
-        train.main(args)
+        with one_correct_per_group(), as_if_card_gib(card_gib):
+            train.main(args)
     finally:
         train.save_checkpoint = real_save
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     r = [x for x in recs if "loss" in x][-1]  # the last step (the first one warms up)
     used = json.load(open(os.path.join(out, "args.json")))
-    keep = ("step", "step_time", "t_sample", "t_score", "t_update", "peak_mem_gb", "tokens_per_s", "resp_len_mean", "loss", "grad_norm", "lam")
-    return {**{k: r.get(k) for k in keep}, "micro_batch_tokens": used.get("micro_batch_tokens"), "sample_rows": used.get("sample_rows"),
-            "rollouts": cfg["step_prompts"] * cfg["step_group"], "new_tokens": cfg["step_new_tokens"]}  # fmt: skip
+    keep = ("step", "step_time", "t_sample", "t_score", "t_update", "peak_mem_gb", "tokens_per_s", "resp_len_mean", "reward_mean", "loss", "grad_norm", "lam")
+    res = {**{k: r.get(k) for k in keep}, "micro_batch_tokens": used.get("micro_batch_tokens"), "sample_rows": used.get("sample_rows"),
+           "rollouts": prompts * cfg["step_group"], "new_tokens": new_tokens, "card_gib": card_gib}  # fmt: skip
+    if note:
+        res["note"] = note
+    return res
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,6 +333,7 @@ def bench_longest(model_name: str, cfg: dict, device) -> dict:
 
 
 def main(a) -> dict:
+    memory.configure_cuda_allocator()  # as train.py: expandable segments, before the first CUDA allocation
     cfg = dict(PRESETS[a.preset])
     if a.step_new_tokens:
         cfg["step_new_tokens"] = a.step_new_tokens
@@ -288,13 +392,32 @@ def main(a) -> dict:
     def sampler_section(model_name, rows):
         model, tok = model_lib.load(model_name, device=device)
         try:
-            return {"model": model_name, **{str(r): bench_sampler(model, tok, r, cfg["n"], cfg["new_tokens"], cfg["prompt"], peak) for r in rows}}
+            return {"model": model_name, **{str(r): bench_sampler(model, tok, r, cfg["n"], cfg["new_tokens"], cfg["prompt"], peak, deadline=T0 + budget) for r in rows}}
         finally:
             del model
             free_memory()
 
-    run("sampler", None, lambda: sampler_section(m_main, cfg["rows"]))
-    run("step:antisd", None, lambda: bench_step(m_main, "antisd", cfg, work))
+    def decode_s_per_step(rows=None):
+        """Seconds per decode step of our sampler at `rows` rows (default: the smallest measured), from the sampler section."""
+        got = {int(r): x["ours"]["wall_s"] / x["new_tokens"] for r, x in S.get("sampler", {}).items() if isinstance(x, dict) and "wall_s" in x.get("ours", {})}
+        if not got:
+            return None
+        r = min(got, key=lambda k: abs(k - rows)) if rows else min(got)
+        return got[r]
+
+    def step_estimate(rows, new_tokens, steps):  # sampling ~ half of a step at random weights (every row runs to the cap)
+        per = decode_s_per_step(rows)
+        return None if per is None else steps * 2.0 * per * new_tokens + 40
+
+    # every section has a time guard: its estimate from the sections before it (or a conservative guess)
+    run("sampler", 30 if device.type == "cuda" else None, lambda: sampler_section(m_main, cfg["rows"]))
+    rows = cfg["step_prompts"] * cfg["step_group"]
+    run("step:antisd", step_estimate(rows, cfg["step_new_tokens"], 2) or (240 if device.type == "cuda" else None), lambda: bench_step(m_main, "antisd", cfg, work))
+    # the paper's length on an 80 GB card (the H200 is capped to 79.6 GiB: allocator and plan): the plan's
+    # budgets must hold there, teacher pass included; a few prompts, one step (8K decode steps dominate)
+    long_rows = cfg["long_prompts"] * cfg["step_group"]
+    run("step:long", step_estimate(long_rows, cfg["long_new_tokens"], 1) if device.type == "cuda" else None,
+        lambda: bench_step(m_main, "antisd", cfg, work, steps=1, prompts=cfg["long_prompts"], new_tokens=cfg["long_new_tokens"], card_gib=cfg["long_card_gib"], tag="-long"))
     run("step:grpo", spent.get("step:antisd"), lambda: bench_step(m_main, "grpo", cfg, work))
     run("longest", 60 if device.type == "cuda" else None, lambda: bench_longest(m_main, cfg, device))
     if len(cfg["models"]) > 1 and "8b" in want:
@@ -332,9 +455,12 @@ def table(out: dict) -> str:
         L.append(f"sampler, {s['model']}: rows x new tokens | ours tok/s | generate tok/s | ours/generate | floor fraction (ours)")
         for r, x in s.items():
             if isinstance(x, dict) and "ours" in x:
+                if "speedup" not in x:
+                    L.append(f"  {x['rows']:4d} x {x['new_tokens']} | " + " | ".join(f"{k}: {x[k].get('skipped', 'ok')}" for k in ("ours", "generate")))
+                    continue
                 ff = f"{x['floor_fraction']:.1%}" if "floor_fraction" in x else "-"
                 L.append(f"  {x['rows']:4d} x {x['new_tokens']} | {x['ours']['tok_per_s']:10.0f} | {x['generate']['tok_per_s']:14.0f} | {x['speedup']:13.2f}x | {ff}")
-    steps = [(k, S[k]) for k in ("step:antisd", "step:grpo", "8b:step") if k in S]
+    steps = [(k, S[k]) for k in ("step:antisd", "step:long", "step:grpo", "8b:step") if k in S]
     if steps:
         L.append("step: method | total s | sample s | score s | update s | peak GiB | micro-batch tokens | rows per wave")
         for k, s in steps:
@@ -342,7 +468,8 @@ def table(out: dict) -> str:
                 L.append(f"  {k}: {s.get('skipped') or 'OOM ' + str(s.get('oom'))}")
                 continue
             pk = f"{s['peak_mem_gb']:.1f}" if s.get("peak_mem_gb") is not None else "-"
-            L.append(f"  {k} ({s['rollouts']} x {s['new_tokens']}) | {s['step_time']:.1f} | {s['t_sample']:.1f} | {s['t_score']:.1f} | {s['t_update']:.1f} | {pk} | {s['micro_batch_tokens']} | {s['sample_rows']}")
+            card = f", as a {s['card_gib']} GiB card" if s.get("card_gib") else ""
+            L.append(f"  {k} ({s['rollouts']} x {s['new_tokens']}{card}) | {s['step_time']:.1f} | {s['t_sample']:.1f} | {s['t_score']:.1f} | {s['t_update']:.1f} | {pk} | {s['micro_batch_tokens']} | {s['sample_rows']}")
     if "longest" in S:
         s = S["longest"]
         L.append(f"longest response, {s.get('rows')} rollouts in one wave next to the training state: {s.get('longest')} tokens (plan estimate {s.get('plan_estimate')})")

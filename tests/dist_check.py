@@ -49,9 +49,10 @@ def batch(n=6, seed=1):
 
 def loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, chunk, D=dist_lib.Dist()):
     total = 0.0
-    for idx in batches:
+    for rows in batches:
+        idx = torch.tensor(rows) if isinstance(rows, list) else rows  # memory.micro_batches' index lists (or a slice)
         Tm = int(lengths[idx].max())
-        logp, _ = model_lib.response_logprobs(m, prompts[idx], resp[idx, :Tm], lengths[idx], chunk_size=chunk)
+        logp, _ = model_lib.response_logprobs(m, [prompts[i] for i in rows] if isinstance(rows, list) else prompts[idx], resp[idx, :Tm], lengths[idx], chunk_size=chunk)
         mask = antisd.mask_from_lengths(lengths[idx], Tm)
         loss = antisd.policy_loss(logp, logp.detach(), adv[idx, :Tm], mask, num_tokens=num_tokens)
         dist_lib.backward(loss, m, D)
@@ -118,7 +119,9 @@ def check(mode, D, out_dir):
         loaded = AutoModelForCausalLM.from_pretrained(path)
         L = dict(loaded.named_parameters())
         ckpt_diff = max(float((L[n].detach() - stepped[n]).abs().max()) for n in stepped)  # exactly what was trained
-    return dict(loss=loss, ref_loss=ref_loss, grad_norm=norm, ref_grad_norm=ref_norm, grad_diff=grad_diff, weight_diff=weight_diff,
+    # host-side results (grades) from rank 0 alone under TP; each rank's own otherwise
+    from_main = D.from_main(lambda: D.rank)
+    return dict(from_main=from_main, loss=loss, ref_loss=ref_loss, grad_norm=norm, ref_grad_norm=ref_norm, grad_diff=grad_diff, weight_diff=weight_diff,
                 same_tokens=same_tokens, optim_roundtrip_diff=optim_diff, ckpt_diff=ckpt_diff)  # fmt: skip
 
 
@@ -127,6 +130,7 @@ if __name__ == "__main__":
     D = dist_lib.setup(fsdp=True)  # the process group; check() switches the mode
     res = {mode: check(mode, D, os.path.dirname(os.path.abspath(out))) for mode in ("tp", "fsdp")}
     res["same_tokens_all_ranks"] = D.gather_object({k: v["same_tokens"] for k, v in res.items()})
+    res["from_main_all_ranks"] = D.gather_object({k: v["from_main"] for k, v in res.items() if isinstance(v, dict) and "from_main" in v})
     from transformers.utils import is_accelerate_available
 
     res["accelerate_available"] = is_accelerate_available()  # test_dist.py hides it: TP must not need it

@@ -423,3 +423,23 @@ def test_think_prefix_for_templates_that_open_think():
     assert data.think_prefix(tok, data.format_prompt(tok, "Q?", enable_thinking=False)) == ""  # empty block, closed
     tok.chat_template = CHAT_TEMPLATE + "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
     assert data.think_prefix(tok, data.format_prompt(tok, "Q?")) == "<think>"
+
+
+def test_graded_texts_drop_the_stop_token_keep_special_tokens_and_the_prefix():
+    import torch
+
+    from model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    body = tok("so \\boxed{4}", add_special_tokens=False)["input_ids"]
+    think = tok.convert_tokens_to_ids(["</think>"])
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rows = [think + body + [eos], think + body, body + [pad]]  # finished on EOS, truncated, finished on a second stop id
+    T = max(map(len, rows))
+    tokens = torch.tensor([r + [pad] * (T - len(r)) for r in rows])  # (3, T) right-padded
+    lengths = torch.tensor([len(r) for r in rows])
+    finished = torch.tensor([True, False, True])
+    texts = data.graded_texts(tok, tokens, lengths, finished, ["<think>", "<think>", ""])
+    assert texts[0] == "<think></think>so \\boxed{4}"  # stop token dropped, </think> kept (a special token)
+    assert texts[1] == texts[0]  # truncated: all its tokens (none is a stop token)
+    assert texts[2] == "so \\boxed{4}"  # whichever stop id ended it

@@ -120,6 +120,7 @@ def test_parallel_update_matches_one_process_on_the_same_batch(work):
         assert r["grad_diff"] < 1e-5 and r["weight_diff"] < 1e-5, (mode, r)
         assert r["same_tokens"] and r["optim_roundtrip_diff"] == 0.0 and r["ckpt_diff"] == 0.0, (mode, r)
     assert all(x["tp"] and x["fsdp"] for x in res["same_tokens_all_ranks"])
+    assert [x["tp"] for x in res["from_main_all_ranks"]] == [0, 0] and [x["fsdp"] for x in res["from_main_all_ranks"]] == [0, 1]  # TP: rank 0's grades everywhere
     assert res["accelerate_available"] is False  # the TP load above ran without accelerate
 
 
@@ -130,3 +131,60 @@ def test_parallel_flags_need_torchrun(tmp_path, monkeypatch, argv, msg):
     with pytest.raises(SystemExit) as e:
         train.main(train.get_parser().parse_args(["--out", str(tmp_path / "x"), "--steps", "1", *argv]))
     assert msg in str(e.value)
+
+
+def test_device_index_sets_the_current_cuda_device(monkeypatch):
+    """Issue 10 item 12: --device cuda:1 in one process never called set_device (peak-memory stats read cuda:0)."""
+    import dist as dist_lib
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    assert dist_lib.setup(device="cuda:1").device == torch.device("cuda:1") and calls == [torch.device("cuda:1")]
+    calls.clear()
+    dist_lib.setup(device="cpu")
+    assert calls == []
+
+
+class _HalfOfTwo:
+    """A data-parallel rank of 2 whose partner holds the same counts (sum doubles): enough to see the
+    sharding and the recombination of train.evaluate without processes."""
+
+    def __init__(self, rank):
+        self.mode, self.rank, self.dp_rank, self.dp_size, self.world = "fsdp", rank, rank, 2, 2
+
+    def sum(self, x):
+        return type(x)(2 * x)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_fsdp_evaluation_splits_the_problems_over_ranks(monkeypatch, rank):
+    """Issue 10 item 14: every FSDP rank ran the whole benchmark; now each runs every 2nd problem."""
+    import eval as eval_lib
+    import lab
+    import model as model_lib
+
+    seen = []
+
+    def lab_eval(model, tok, held_out, **k):
+        seen.append([p["id"] for p in held_out])
+        return {"eval_acc": 0.5, "frac_search": 0.25, "acc_search": 1.0, "acc_direct": 1 / 3}
+
+    def run_benchmarks(model, tok, benches, **k):
+        seen.append({n: [p["id"] for p in b["problems"]] for n, b in benches.items()})
+        return {"benches": {n: {"avg": 40.0} for n in benches}, "Avg": 40.0}
+
+    monkeypatch.setattr(lab, "evaluate", lab_eval)
+    monkeypatch.setattr(eval_lib, "run_benchmarks", run_benchmarks)
+    m, tok = model_lib.load("tiny")
+    args = train.resolve_args(train.get_parser().parse_args(["--out", "x", "--eval-k", "2"]))
+    task = type("T", (), {"lab": True, "held_out": [{"id": i} for i in range(5)], "template_kw": {}})()
+    r = train.evaluate(args, task, m, tok, 0, D=_HalfOfTwo(rank))
+    assert seen[-1] == [i for i in range(5) if i % 2 == rank]
+    assert r == pytest.approx({"eval_acc": 0.5, "frac_search": 0.25, "acc_search": 1.0, "acc_direct": 1 / 3})
+    task.lab = False
+    benches = {"a": {"problems": [{"id": i} for i in range(3)], "k": 2}, "b": {"problems": [{"id": 8}, {"id": 9}], "k": 4}}
+    r = train.evaluate(args, task, m, tok, 0, benches, D=_HalfOfTwo(rank))
+    assert seen[-1] == ({"a": [0, 2], "b": [8]} if rank == 0 else {"a": [1], "b": [9]})
+    assert r == pytest.approx({"eval_acc": 0.4, "eval_a": 40.0, "eval_b": 40.0})

@@ -80,6 +80,12 @@ def test_speedup_ties_never_and_step_zero():
     assert s["method_reach_step"] is None and s["ratio"] is None  # never reached
     s = ev.speedup({0: 5.0, 10: 7.0}, {0: 7.5, 10: 8.0})
     assert s["method_reach_step"] == 0 and s["ratio"] is None  # reached before training: undefined
+    # issue 10 item 7: the baseline's best is its step-0 eval and the method passes it later (a 0/10
+    # once): no ratio, "never improved"
+    s = ev.speedup({0: 7.0, 10: 6.0, 20: 6.5}, {0: 7.0 - 1.0, 10: 8.0})
+    assert s["baseline_never_improved"] and s["method_reach_step"] == 10 and s["ratio"] is None
+    assert "never improved" in ev.format_speedup(s, "grpo", "antisd")
+    assert not ev.speedup(GRPO, ANTISD)["baseline_never_improved"]
     with pytest.raises(ValueError):
         ev.speedup({}, {1: 1.0})
 

@@ -48,7 +48,9 @@ def test_warmup_then_open_and_h_warm_is_median():
     assert lams == [0.0] * 5
     assert g.h_warm == 2.0  # median, not mean (3.3)
     assert g.open  # open right after warmup
+    assert not g.open_this_step  # ... but the step that ended the warm-up ran with lam 0 (what train.py logs)
     assert g.update(2.0) == 0.5  # first post-warmup step
+    assert g.open_this_step
 
 
 def test_close_stay_closed_in_band_reopen_at_exactly_h_warm():

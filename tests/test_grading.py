@@ -353,6 +353,25 @@ def test_pool_timeout_in_worker():
 
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the patched function reaches workers by fork")
+def test_pool_workers_die_on_sigterm_under_a_parent_signal_handler():
+    """train.py installs a SIGTERM/Ctrl-C handler (runs.Stop); forked workers must not keep it,
+    or pool.terminate()'s SIGTERM is caught and the parent's join hangs (seen in the full suite)."""
+    old_term = signal.signal(signal.SIGTERM, lambda s, f: None)
+    old_int = signal.signal(signal.SIGINT, lambda s, f: None)
+    try:
+        pool = grading._new_pool(1)
+        try:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+        finally:
+            pool.terminate()
+            pool.join()
+        assert grade_many([boxed("4.5 \\times 10^{33}")] * 3, ["4.5e33"] * 3, workers=2, inline_below=0) == [1.0] * 3
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
 def test_pool_guard_kills_a_worker_stuck_where_no_signal_lands(monkeypatch):
     real = grading._verify_unbounded
 

@@ -244,3 +244,96 @@ def test_random_preset_shrunk(monkeypatch, hub_id):
         logp, _ = response_logprobs(model, prompts, r.tokens, r.lengths)
     assert torch.equal(r.tokens, g[:, ids.shape[1] :])
     torch.testing.assert_close(r.logprobs, logp, atol=1e-4, rtol=1e-5)
+    # the shared-prefix scorer on the real architecture (tied head / MoE), repeated prompts
+    rows = [0, 2, 0, 1, 2]
+    shared, _, work = model_lib.shared_prefix_logprobs(model, [prompts[i] for i in rows], r.tokens[rows], r.lengths[rows])
+    assert model_lib.prefix_sharing_ok(model) and work["prompt_tokens"] == 9 < work["prompt_tokens_rows"]
+    torch.testing.assert_close(shared, logp[rows], atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# shared_prefix_logprobs: each distinct prompt once (issue 12)
+# ----------------------------------------------------------------------------------------
+
+# rows -> prompt: repeated prompts (as a group's teacher prompts are), in scattered order, one
+# prompt used once; ragged prompts and responses, an empty and a full-length response
+SHARED_ROWS = [0, 2, 0, 1, 2, 0, 3, 2]
+SHARED_LENGTHS = torch.tensor([7, 3, 1, 0, 7, 5, 2, 6])
+
+
+_BEGIN = [int(x) for x in torch.randint(0, 560, (20,), generator=torch.Generator().manual_seed(5))]
+# longer prompts sharing a 20-token beginning, as a group's teacher prompts do, and one not
+LONG = [_BEGIN + [5, 17, 230], _BEGIN + [301], _BEGIN[:18] + [8, 8, 120, 77, 3, 400, 12], [260, 14, 2] * 7, _BEGIN + [99, 98, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("temperature,chunk_size,long,call_tokens", [(1.0, 1024, False, None), (0.7, 3, False, 0), (0.9, 4, True, 0), (1.0, 1024, True, 10**6)])
+def test_shared_prefix_equals_row_by_row(tiny, temperature, chunk_size, long, call_tokens):
+    """Against response_logprobs and the per-sequence forward; call_tokens 0 puts every length in
+    its own bucket (prompt and response passes), 10**6 everything in one."""
+    model, _ = tiny
+    base = LONG if long else PROMPTS
+    prompts = [base[j] for j in SHARED_ROWS]
+    resp = torch.randint(0, 560, (len(prompts), T), generator=torch.Generator().manual_seed(3))  # junk past lengths
+    assert model_lib.prefix_sharing_ok(model)  # the shared path runs, not the fallback
+    with torch.no_grad():
+        ref_lp, ref_ent = response_logprobs(model, prompts, resp, SHARED_LENGTHS, temperature=temperature, with_entropy=True)
+    logp, ent, work = model_lib.shared_prefix_logprobs(model, prompts, resp, SHARED_LENGTHS, temperature=temperature, with_entropy=True, chunk_size=chunk_size, call_tokens=call_tokens)
+    torch.testing.assert_close(logp, ref_lp, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=2e-6, rtol=0)
+    mask = torch.arange(T)[None] < SHARED_LENGTHS[:, None]
+    assert (logp[~mask] == 0).all() and (ent[~mask] == 0).all() and (logp[mask] < 0).all()
+    assert work == {"prompt_tokens": sum(len(base[j]) for j in set(SHARED_ROWS)), "prompt_tokens_rows": sum(len(p) for p in prompts)}
+    assert not logp.requires_grad  # a no-grad scorer, whatever the caller's grad mode
+    # the reference itself against the per-sequence forward (no padding at all), row by row
+    for i, j in enumerate(SHARED_ROWS):
+        L = int(SHARED_LENGTHS[i])
+        if L:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([base[j] + resp[i, :L].tolist()])).logits[0] / temperature, -1)
+            want = lp[len(base[j]) - 1 : len(base[j]) - 1 + L].gather(-1, resp[i, :L, None]).squeeze(-1)
+            torch.testing.assert_close(logp[i, :L], want, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_edges(tiny, monkeypatch):
+    """One response token, no response tokens at all, one prompt for every row, and the row-by-row
+    fallback for models the shared path does not cover."""
+    model, _ = tiny
+    prompts = [PROMPTS[2]] * 3
+    resp = torch.randint(0, 560, (3, 1), generator=torch.Generator().manual_seed(4))
+    one = torch.ones(3, dtype=torch.long)
+    with torch.no_grad():
+        ref, _ = response_logprobs(model, prompts, resp, one)
+    logp, ent, work = model_lib.shared_prefix_logprobs(model, prompts, resp, one)
+    torch.testing.assert_close(logp, ref, atol=2e-6, rtol=0)
+    assert ent is None and work == {"prompt_tokens": len(PROMPTS[2]), "prompt_tokens_rows": 3 * len(PROMPTS[2])}
+    logp, ent, _ = model_lib.shared_prefix_logprobs(model, prompts, resp[:, :0], torch.zeros(3, dtype=torch.long), with_entropy=True)
+    assert logp.shape == ent.shape == (3, 0)
+    monkeypatch.setattr(model_lib, "prefix_sharing_ok", lambda m: False)
+    fall, _, work = model_lib.shared_prefix_logprobs(model, prompts, resp, one)
+    assert torch.equal(fall, ref) and work["prompt_tokens"] == work["prompt_tokens_rows"]
+
+
+def test_length_buckets_trade_padding_for_calls():
+    lens = [10, 84, 11, 0, 83, 1, 40, 10]
+    # free calls: one bucket per distinct length; expensive calls: one bucket
+    assert model_lib._length_buckets(lens, call_tokens=0) == [[1], [4], [6], [2], [0, 7], [5]]
+    assert model_lib._length_buckets(lens, call_tokens=10**6) == [[1, 4, 6, 2, 0, 7, 5]]  # (length 0 is below min_len)
+    # min_len 2 leaves 84, 83, 40, 11, 10, 10; at 64 per call the cheapest cut is
+    # [84 83 40] [11 10 10]: 2*64 + 3*84 + 3*11 = 413 (one bucket 568, [84 83] [40 11 10 10] 456, ...)
+    assert model_lib._length_buckets(lens, call_tokens=64, min_len=2) == [[1, 4, 6], [2, 0, 7]]
+    assert model_lib._length_buckets(lens, call_tokens=256, min_len=2) == [[1, 4, 6, 2, 0, 7]]  # 760: one call
+    assert model_lib._length_buckets([], call_tokens=1) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU path: bf16, sdpa's CUDA kernels, call_tokens 4096)")
+def test_shared_prefix_on_cuda_bf16():
+    model, _ = model_lib.load("tiny", device="cuda", dtype=torch.bfloat16, seed=0)
+    prompts = [LONG[j] for j in SHARED_ROWS]
+    resp = torch.randint(0, 560, (len(prompts), T), generator=torch.Generator().manual_seed(3)).cuda()
+    lengths = SHARED_LENGTHS.cuda()
+    with torch.no_grad():
+        ref, ref_ent = response_logprobs(model, prompts, resp, lengths, with_entropy=True)
+    logp, ent, _ = model_lib.shared_prefix_logprobs(model, prompts, resp, lengths, with_entropy=True)
+    assert logp.dtype == torch.float32 and logp.device.type == "cuda"
+    torch.testing.assert_close(logp, ref, atol=5e-2, rtol=0)  # bf16 activations: rounding, not a shift
+    torch.testing.assert_close(ent, ref_ent, atol=5e-2, rtol=0)

@@ -199,6 +199,25 @@ def test_greedy_eager_attention_matches_generate(sharp):
         model.set_attn_implementation("sdpa")
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_train_mode_with_gradient_checkpointing_samples_like_eval_mode(page_size):
+    """Issue 10 item 2: transformers <= 5.22's GradientCheckpointingLayer drops the KV cache when
+    the model is in train mode with gradient checkpointing on (train.py evaluates right after an
+    update); sample() must decode exactly as in eval mode and give the model back in its mode.
+    Fails under transformers 5.17 (.ci/run's second environment) without rollout._in_eval_mode."""
+    model, tok = model_lib.load("tiny", seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)  # the sharpened model: no near-tied argmaxes
+    ref = _generate(model, tok, PROMPTS, 2, 10)
+    model.gradient_checkpointing_enable()
+    model.train()
+    r = sample(model, PROMPTS, n=2, max_new_tokens=10, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=page_size)
+    assert model.training  # restored
+    assert torch.equal(r.tokens, ref)
+
+
 # ----------------------------------------------------------------------------------------
 # per-row EOS stop, truncation
 # ----------------------------------------------------------------------------------------

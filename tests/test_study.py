@@ -118,3 +118,57 @@ def test_summary_speedup_follows_the_paper(tmp_path):
     assert s["methods"]["antisd"]["n_reached"] == 1 and s["methods"]["sd"]["n_reached"] == 0
     table = study.markdown_table(s)
     assert "| antisd | 2 |" in table and "2.0x / never" in table
+
+
+def test_sparsity_sweep_smoke_levels_budgets_summary_and_plots(tmp_path, capsys):
+    """--levels (issue 15): each level a first study in OUT/L<L>/ with its own budget and
+    --lab-level, the official recipe as a method, OUT/summary.json with the level and the step-0
+    sparsity of every run, and the sweep plots."""
+    out = str(tmp_path / "sparse")
+    argv = ["--levels", "0.5:2,0.9:1", "--methods", "grpo,antisd-official", "--seeds", "0", "--eval-every", "1", "--out", out]
+    summary = study_main(*argv, "--", *FAST)
+    assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
+    assert list(summary["levels"]) == ["0.5", "0.9"] and [lv["steps"] for lv in summary["levels"].values()] == [2, 1]
+    for key, lv in summary["levels"].items():
+        assert set(lv["methods"]) == {"grpo", "antisd-official"}
+        assert 0.0 <= lv["frac_all_wrong0"] <= lv["frac_zero_var0"] <= 1.0
+        # each level is a first-study directory whose runs were told their level
+        for m in ("grpo", "antisd-official"):
+            targs = json.load(open(os.path.join(out, f"L{key}", m, "s0", "args.json")))
+            assert targs["lab_level"] == float(key) and targs["steps"] == lv["steps"]
+            assert targs["recipe"] == ("official" if m == "antisd-official" else "paper")
+        assert os.path.isfile(os.path.join(out, f"L{key}", "summary.json"))
+    assert [(r["level"], r["method"], r["final_step"]) for r in summary["runs"]] == [(0.5, "grpo", 2), (0.5, "antisd-official", 2), (0.9, "grpo", 1), (0.9, "antisd-official", 1)]
+    assert all(RUN_KEYS | {"level", "frac_zero_var0"} <= set(r) for r in summary["runs"])
+    steps = study.read_run(os.path.join(out, "L0.9", "antisd-official", "s0"))["steps"]
+    assert all(rec["tok_term_abs_mean"] >= 0 and rec["seq_adv_abs_mean"] >= 0 for rec in steps.values())
+    if HAVE_MPL:
+        for name in ("accuracy_per_level", "speedup_vs_sparsity", "token_term"):
+            assert os.path.getsize(os.path.join(out, "plots", f"{name}.png")) > 1000, name
+    capsys.readouterr()
+    study_main(*argv, "--table")
+    assert "| 0.9 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--levels"):
+        study_main("--levels", "1.2:5", "--out", out, "--plots-only")
+
+
+def test_sweep_summary_reads_each_level_and_its_step0_sparsity(tmp_path):
+    out = str(tmp_path)
+    for level, zv in ((0.5, 0.25), (0.9, 0.75)):
+        ld = study.level_dir(out, level)
+        _fake_run(ld, "grpo", 0, {0: 0.1, 20: 0.3, 40: 0.4})
+        _fake_run(ld, "antisd", 0, {0: 0.1, 20: 0.45, 40: 0.4})  # reaches GRPO's 0.4 at 20: 2x
+        for m in ("grpo", "antisd"):  # the step-1 record carries the sparsity
+            p = os.path.join(study.run_dir(ld, m, 0), "metrics.jsonl")
+            lines = open(p).read().splitlines()
+            lines[0] = json.dumps({**json.loads(lines[0]), "frac_zero_var": zv, "frac_all_wrong": zv - 0.25})
+            open(p, "w").write("\n".join(lines) + "\n")
+    s = study.summarize_sweep(out, study.parse_levels("0.5:40,0.9"))
+    assert s["levels"]["0.5"]["frac_zero_var0"] == 0.25 and s["levels"]["0.9"]["frac_all_wrong0"] == 0.5
+    assert s["levels"]["0.9"]["steps"] is None and s["levels"]["0.9"]["methods"]["antisd"]["speedup_median"] == 2.0
+    assert {(r["level"], r["method"], r["speedup"]) for r in s["runs"]} == {(0.5, "grpo", 1.0), (0.5, "antisd", 2.0), (0.9, "grpo", 1.0), (0.9, "antisd", 2.0)}
+    assert "| 0.9 | 0.75 | antisd | 1 |" in study.sweep_table(s)
+    if HAVE_MPL:
+        assert [os.path.basename(p) for p in study.plot_sweep(out, s, smooth=1)] == ["accuracy_per_level.png", "speedup_vs_sparsity.png", "token_term.png"]
+    with pytest.raises(SystemExit, match="bad entry"):
+        study.parse_levels("0.5:x")

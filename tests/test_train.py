@@ -6,6 +6,7 @@ temporary working directory, so the warm-start cache never lands in the repo.
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -69,6 +70,7 @@ def test_every_method_and_gate_mode_runs_a_step(tmp_path, extra):
         assert r["lam"] == 0.5 and r["gate_open"]  # always open: no warmup
     else:
         assert steps[0]["lam"] == 0.0  # warmup step (--warmup-steps 1)
+        assert steps[0]["gate_open"] is False  # the state the step used (issue 10: the step ending the warm-up said open)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -210,3 +212,188 @@ def test_official_recipe_on_local_files(tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and all(r["recipe"] == "official" for r in steps)
     args = json.load(open(tmp_path / "run" / "args.json"))
     assert args["max_solution_tokens"] == 3072 and args["len_mask"] == round(8 * 12000 / 16384)
+
+
+def _bench_gpu():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_peer_choice_draws_on_a_cpu_generator_of_its_own_and_resumes_exactly(tmp_path, monkeypatch):
+    """Issue 10 item 1: the teacher-context choice once drew CPU numbers from the sampler's
+    generator, which on CUDA raises ("Expected a 'cpu' device type for generator") at the first
+    correct rollout. Every random draw with a generator must land on the generator's device; the
+    peer choice must come from a CPU generator that is not the sampler's, saved in the checkpoint
+    (the resumed step sees the same teacher prompts)."""
+    import antisd
+
+    seen = {"teacher": [], "sampler": [], "draws": 0}
+    real_tp, real_sample, real_randint = antisd.teacher_prompts, train.sample, torch.randint
+
+    def tp(*a, generator=None, **k):
+        seen["teacher"].append(generator)
+        return real_tp(*a, generator=generator, **k)
+
+    def sample(*a, generator=None, **k):
+        seen["sampler"].append(generator)
+        return real_sample(*a, generator=generator, **k)
+
+    def randint(*a, generator=None, **k):
+        out = real_randint(*a, generator=generator, **k)
+        if generator is not None:
+            assert out.device == generator.device, f"a draw on {out.device} from a generator on {generator.device}"
+            seen["draws"] += 1
+        return out
+
+    monkeypatch.setattr(antisd, "teacher_prompts", tp)
+    monkeypatch.setattr(train, "sample", sample)
+    monkeypatch.setattr(torch, "randint", randint)
+    with _bench_gpu().one_correct_per_group():  # every group has one correct peer: the choice runs
+        _, full, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--save-every", "100", out="full")
+        run(tmp_path, "--steps", "2", "--eval-every", "0", "--save-every", "100", out="cut")
+        _, resumed, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--save-every", "100", "--resume", out="cut")
+    assert seen["draws"] >= 3 * 2 * 3  # per step and group, rows 1-3 choose among their one peer (row 0 gets the reference)
+    assert all(g is not None and g.device.type == "cpu" for g in seen["teacher"])
+    assert not {id(g) for g in seen["teacher"]} & {id(g) for g in seen["sampler"]}  # never the sampler's stream
+    assert all(r["reward_mean"] == 0.25 for r in full)  # 1 of each group of 4 correct
+    ts = torch.load(tmp_path / "cut" / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert ts["rng"]["teacher_pickers"] is not None
+    a, b = full[2], resumed[2]
+    assert a["step"] == b["step"] == 3
+    assert abs(a["u_mean"] - b["u_mean"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5  # same teacher prompts after resume
+
+
+def test_training_and_eval_stop_on_the_same_ids_and_grade_the_same_text(tmp_path, monkeypatch):
+    """Issue 10 item 5: training stopped on the tokenizer's EOS alone (Qwen3's generation config
+    also lists <|endoftext|>) and graded text decoded without special tokens or the prompt's open
+    <think>; eval.py did both. Now one function decides each (model.stop_token_ids,
+    data.graded_texts): the same stop ids reach both samplers and both graders see the prefix."""
+    import grading
+    import model as model_lib
+    import rollout
+
+    m, tok = model_lib.load("tiny")
+    m.generation_config.eos_token_id = [tok.eos_token_id, tok.pad_token_id]  # two end ids, as Qwen3's config
+    tok.chat_template = model_lib.CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")  # opens a think block
+    model_lib.save(m, tok, str(tmp_path / "hf"))
+    seen = {"train": [], "eval": [], "train_text": [], "eval_text": []}
+    real_sample, real_rsample, real_grade, real_many = train.sample, rollout.sample, train.Task.grade, grading.grade_many
+
+    def spy(key, fn):
+        def wrapped(*a, eos_token_ids, **k):
+            seen[key].append(sorted(eos_token_ids))
+            return fn(*a, eos_token_ids=eos_token_ids, **k)
+
+        return wrapped
+
+    def grade(self, texts, answers):
+        seen["train_text"] += texts
+        return real_grade(self, texts, answers)
+
+    def grade_many(responses, answers, **k):
+        seen["eval_text"] += responses
+        return real_many(responses, answers, **k)
+
+    monkeypatch.setattr(train, "sample", spy("train", real_sample))
+    monkeypatch.setattr(rollout, "sample", spy("eval", real_rsample))
+    monkeypatch.setattr(train.Task, "grade", grade)
+    monkeypatch.setattr(grading, "grade_many", grade_many)
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    run(tmp_path, "--model", str(tmp_path / "hf"), "--data", os.path.join(fixtures, "generic.jsonl"), "--steps", "1", "--eval-every", "1",
+        "--eval-bench", os.path.join(fixtures, "tiny_eval.jsonl"), "--max-new-tokens", "8", "--enable-thinking", "true")  # fmt: skip
+    want = sorted({tok.eos_token_id, tok.pad_token_id})
+    assert seen["train"] and seen["eval"] and all(e == want for e in seen["train"] + seen["eval"])
+    assert seen["train_text"] and seen["eval_text"]
+    assert all(t.startswith("<think>") for t in seen["train_text"] + seen["eval_text"])  # the prompt's open think block
+
+
+def test_real_models_default_to_the_papers_non_thinking_mode():
+    """Issue 10 item 6: the paper (and the authors' launcher) ran Qwen3 non-thinking; the lab keeps its template's default."""
+    resolve = lambda *a: train.resolve_args(train.get_parser().parse_args(["--out", "x", *a]))  # noqa: E731
+    assert resolve("--model", "Qwen/Qwen3-8B").enable_thinking == "false"
+    assert resolve("--model", "Qwen/Qwen3-8B", "--enable-thinking", "true").enable_thinking == "true"
+    assert resolve().enable_thinking is None  # the lab
+
+
+def test_resume_loads_the_checkpoint_on_the_host_and_keeps_nothing_of_it(tmp_path, monkeypatch):
+    """Issue 10 item 8: --resume put the checkpoint's AdamW states on the GPU beside the live ones
+    (torch.load without map_location) and kept them referenced. The load must be on the CPU
+    (mmap'd), the resumed optimizer state must live in the optimizer's own tensors on the
+    parameters' device, and no tensor of the loaded checkpoint may survive the resume."""
+    import gc
+    import weakref
+
+    import memory
+
+    run(tmp_path, "--steps", "1", "--eval-every", "0")
+    loaded, opts, checked = [], [], []
+    real_load, real_lsd, real_plan = torch.load, memory.AdamW.load_state_dict, memory.plan
+
+    def load(path, *a, **k):
+        obj = real_load(path, *a, **k)
+        if str(path).endswith("trainer_state.pt"):
+            assert k.get("map_location") == "cpu" and k.get("mmap") is True, k
+            stack = [obj]
+            while stack:  # every tensor of the checkpoint, weakly
+                x = stack.pop()
+                if isinstance(x, torch.Tensor):
+                    assert x.device.type == "cpu"
+                    loaded.append(weakref.ref(x))
+                elif isinstance(x, dict):
+                    stack += list(x.values())
+                elif isinstance(x, (list, tuple)):
+                    stack += list(x)
+        return obj
+
+    def load_state_dict(self, sd):
+        opts.append(self)
+        return real_lsd(self, sd)
+
+    def plan(*a, **k):  # runs right after the resume block
+        gc.collect()
+        checked.append(sum(r() is not None for r in loaded))
+        opt = opts[0]
+        for name, s in opt.state.items():
+            p = opt.params[name]
+            assert all(t.device == p.device for t in s.values())
+        return real_plan(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(memory.AdamW, "load_state_dict", load_state_dict)
+    monkeypatch.setattr(memory, "plan", plan)
+    _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--resume")
+    assert len(loaded) > 10 and opts and checked == [0], (len(loaded), checked)  # every loaded tensor freed
+    assert steps[-1]["step"] == 2
+
+
+def test_quantile_is_torch_quantile_without_its_size_limit():
+    """Issue 10 item 11: torch.quantile raises above 2^24 elements (64 x 8 x 32K valid tokens)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 100, 1001):
+        x = torch.randn(n, generator=g)
+        for q in (0.0, 0.01, 0.25, 0.5, 0.99, 1.0):
+            assert train.quantile(x, q) == pytest.approx(float(torch.quantile(x, q)), abs=1e-6), (n, q)
+    big = torch.rand(2**24 + 1, generator=g)
+    with pytest.raises(RuntimeError):
+        torch.quantile(big, 0.5)
+    assert train.quantile(big, 0.5) == pytest.approx(0.5, abs=1e-3) and train.quantile(big, 0.0) == float(big.min())
+    assert math.isnan(train.quantile(torch.zeros(0), 0.5))
+
+
+def test_a_bf16_lab_run_stays_bf16_through_the_warm_start_cache_and_resumes(tmp_path):
+    """Found preparing the GPU checks (issue 10): a cached warm start was loaded in model.load's
+    default dtype for a directory (fp32 on CPU, bf16 on CUDA), not the run's, so the lab's dtype
+    changed between runs and a resume met an optimizer state saved for the other dtype."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, "--steps", "1", "--eval-every", "0", "--dtype", "bfloat16", out="a")  # trains (or loads) the bf16 warm start
+    run(tmp_path, "--steps", "1", "--eval-every", "0", "--dtype", "bfloat16", out="b")  # the cache hit
+    for out in ("a", "b"):
+        sd = load_file(tmp_path / out / "checkpoint-1" / "model.safetensors")
+        assert {v.dtype for v in sd.values()} == {torch.bfloat16}, out
+    _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--dtype", "bfloat16", "--resume", out="b")
+    assert steps[-1]["step"] == 2
