@@ -125,35 +125,41 @@ def check(mode, D, out_dir):
                 same_tokens=same_tokens, optim_roundtrip_diff=optim_diff, ckpt_diff=ckpt_diff)  # fmt: skip
 
 
-def check_tp_bf16(D, out_dir):
-    """TP with bf16 weights, as on a GPU: memory.AdamW's fp32 gradient sums (its post-accumulate
-    hooks are registered before the first forward, as train.py does) over 3 micro-batches, against
-    one process doing the same. The q_norm / k_norm gradients are partial per rank and summed by
+def check_bf16(mode, D, out_dir):
+    """TP / FSDP with bf16 weights, as on a GPU: memory.AdamW's fp32 gradient sums (its post-accumulate
+    hooks registered before the first forward, as train.py does) over several micro-batches, against
+    one process on the whole batch. TP: the q_norm / k_norm gradients are partial per rank and summed by
     transformers' TP hook; the optimizer must take them only after that sum (dist.hold_replicated_grads):
-    taking them first gives half-sized (5.17: the hook then sees no grad) or crashing (5.24) sums."""
-    D.mode = "tp"
+    taking them first gave half-sized (5.17: the hook then sees no grad) or crashing (5.24) sums.
+    FSDP: each rank its own rows; FSDP2 runs the hooks on the sharded grads after its reduce-scatter, the
+    whole embedding / head / final norm are summed by sync_replicated_grads from the fp32 sums."""
+    D.mode = mode
     prompts, resp, lengths, adv = batch()
     N = len(prompts)
     num_tokens = int(lengths.sum())
-    batches = memory.micro_batches([len(p) for p in prompts], lengths.tolist(), max_rows=2)  # 3 micro-batches
     ref, tok = model_lib.load("tiny", seed=0, dtype=torch.bfloat16)
     ref.train()
     ref_opt = memory.AdamW(ref.named_parameters(), lr=1e-2)
-    loss_and_backward(ref, prompts, resp, lengths, adv, num_tokens, batches, 1024)
+    loss_and_backward(ref, prompts, resp, lengths, adv, num_tokens, memory.micro_batches([len(p) for p in prompts], lengths.tolist(), max_rows=2), 1024)
     ref_g = {n: ref_opt.grad(n).clone() for n in ref_opt.params}
     m, _ = model_lib.load("tiny", seed=0, dtype=torch.bfloat16)
-    m = dist_lib.parallelize(m, tok, D, scratch=os.path.join(out_dir, "scratch-bf16"))
+    m = dist_lib.parallelize(m, tok, D, scratch=os.path.join(out_dir, f"scratch-bf16-{mode}"))
     m.train()
     opt = memory.AdamW(m.named_parameters(), lr=1e-2)
     dist_lib.hold_replicated_grads(opt, m, D)
-    loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, 1024, D, opt=opt)
+    rows = list(range(N)) if mode == "tp" else ([0, 1] if D.rank == 0 else [2, 3, 4, 5])
+    p_loc, r_loc, l_loc, a_loc = [prompts[i] for i in rows], resp[rows], lengths[rows], adv[rows]
+    batches = memory.split_to(memory.micro_batches([len(p) for p in p_loc], l_loc.tolist(), max_rows=2), D.max(2))
+    loss_and_backward(m, p_loc, r_loc, l_loc, a_loc, num_tokens, batches, 1024, D, opt=opt)
+    dist_lib.sync_replicated_grads(m, D, opt)
     rel = {}
-    for n in ref_g:
-        g = full(opt.grad(n))
+    for n in ref_g:  # the same order on every rank (full() of a sharded grad is a collective)
+        g = full(opt.grad(n)).float()
         rel[n] = float((g - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-12))
     worst = max(rel, key=rel.get)
-    return dict(max_rel_grad_err=rel[worst], worst_param=worst, qk_norm_rel_err=max(v for k, v in rel.items() if "q_norm" in k or "k_norm" in k),
-                grads_fp32=all(opt.grad(n).dtype == torch.float32 for n in opt.params))
+    qk = [v for k, v in rel.items() if "q_norm" in k or "k_norm" in k]
+    return dict(max_rel_grad_err=rel[worst], worst_param=worst, qk_norm_rel_err=max(qk),
+                grads_fp32=all(full(opt.grad(n)).dtype == torch.float32 for n in opt.params))
 
 
 if __name__ == "__main__":
@@ -162,7 +168,8 @@ if __name__ == "__main__":
     res = {mode: check(mode, D, os.path.dirname(os.path.abspath(out))) for mode in ("tp", "fsdp")}
     res["same_tokens_all_ranks"] = D.gather_object({k: v["same_tokens"] for k, v in res.items()})
     res["from_main_all_ranks"] = D.gather_object({k: v["from_main"] for k, v in res.items() if isinstance(v, dict) and "from_main" in v})
-    res["tp_bf16"] = check_tp_bf16(D, os.path.dirname(os.path.abspath(out)))
+    for mode in ("tp", "fsdp"):
+        res[f"{mode}_bf16"] = check_bf16(mode, D, os.path.dirname(os.path.abspath(out)))
     from transformers.utils import is_accelerate_available
 
     res["accelerate_available"] = is_accelerate_available()  # test_dist.py hides it: TP must not need it
