@@ -466,7 +466,7 @@ def main(args):
 
     try:  # a missing local model directory is said before any data is read
         model_lib.check_local(args.model or "")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: --model: {e}") from None
     try:  # the data before the model: a bad file is named in seconds, not after a model load
         benches = load_benchmarks(specs, k=args.k, limit=args.limit, verbose=not args.quiet)

@@ -223,10 +223,12 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
 
 
 def check_local(name: str) -> None:
-    """Raise FileNotFoundError when `name` is meant as a local model directory (an existing
-    directory, or a path a hub id cannot be: more than one "/", or starting with . / ~, or
-    "dir/name" whose dir is a directory here, e.g. runs/x) and is not one with a config.json.
-    Hub ids ("org/name") and the presets pass."""
+    """Raise ValueError for an unknown random:<hub id> preset; FileNotFoundError when `name`
+    is meant as a local model directory (an existing directory, or a path a hub id cannot be:
+    more than one "/", or starting with . / ~, or "dir/name" whose dir is a directory here, e.g.
+    runs/x) and is not one with a config.json. Hub ids ("org/name") and the presets pass."""
+    if name.startswith("random:") and name.split(":", 1)[1] not in REAL_CONFIGS:
+        raise ValueError(f"load: unknown random preset {name!r}; known: {', '.join('random:' + k for k in REAL_CONFIGS)}")
     if name == "tiny" or name.startswith("random:"):
         return
     if os.path.isdir(name):

@@ -254,7 +254,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         try:  # a missing local path is said now, not as a hub error after the imports
             if name:
                 model_lib.check_local(name)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: {flag}: {e}") from None
     return args
 
