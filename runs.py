@@ -95,6 +95,21 @@ def lock(out: str) -> None:
     _HELD[path] = f
 
 
+def holder(out: str) -> str | None:
+    """Who holds OUT/.lock ("pid ... on ... since ..."), or None when no live run does. Takes
+    nothing: a probe for messages (a resume that finds no checkpoint in a live run's directory)."""
+    path = os.path.join(out, ".lock")
+    if not os.path.isfile(path) or os.path.realpath(path) in _HELD:
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def unlock(out: str) -> None:
     f = _HELD.pop(os.path.realpath(os.path.join(out, ".lock")), None)
     if f is not None:

@@ -526,6 +526,8 @@ def find_resume(args, given: set[str]) -> tuple[argparse.Namespace, str | None, 
         if bad:
             raise SystemExit(f"train.py: --resume: no complete checkpoint in {args.out}: " + "; ".join(why for _, why in bad))
         where = "" if "out" in given else " (the default --out for these flags: pass the run's --out)"
+        if who := runs.holder(args.out):
+            where = f" yet: a live run ({who}) writes there and has not saved one"
         raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}{where}")
     with open(os.path.join(path, "args.json")) as f:
         saved = json.load(f)

@@ -197,6 +197,9 @@ def test_two_live_runs_in_one_directory(tmp_path):
         with pytest.raises(SystemExit) as e:
             run(out, "--steps", "1")
         assert "in use by a live run" in str(e.value) and f"pid {holder.pid}" in str(e.value)
+        with pytest.raises(SystemExit) as e:  # a resume before the live run's first save says why there is none
+            run(out, "--resume", "--steps", "1")
+        assert "no checkpoint in" in str(e.value) and f"a live run (pid {holder.pid}" in str(e.value)
         assert not (out / "metrics.jsonl").exists()
     finally:
         holder.kill()
