@@ -109,11 +109,12 @@ class PagedCache(Cache):
         self.read: torch.Tensor | None = None  # (A, S / ps) long page ids, or None in a prefill
         # mode "mirror": per layer a dense copy of the live rows' contexts, (R, W * ps, H, D);
         # the engine sets `rebuild` (the live rows changed: gather them all again) or
-        # `mirror_write` (A,) (row a's new token goes to flat slot a * W * ps + pos[a])
+        # `mirror_write` (A,) (row a's new token goes to flat slot a * W * ps + pos[a]), and
+        # `span` (S: the longest context + 1; attention reads mirror[:A, :S])
         self.mirror_rows, self.mirror_pages = mirror_rows, mirror_pages
         self.mk: list[torch.Tensor | None] = [None] * num_layers
         self.mv: list[torch.Tensor | None] = [None] * num_layers
-        self.rebuild, self.mirror_write = True, None
+        self.rebuild, self.mirror_write, self.span = True, None, 0  # span: context slots attention reads
 
     def __len__(self) -> int:
         return self.num_layers
@@ -165,7 +166,7 @@ class PagedCache(Cache):
         else:
             mk.view(R * W * ps, H, D).index_copy_(0, self.mirror_write, key_states[:, :, 0])  # (A, H, D) at (a, pos[a])
             mv.view(R * W * ps, H, -1).index_copy_(0, self.mirror_write, value_states[:, :, 0])
-        S = n_pg * ps
+        S = self.span  # the longest context exactly (<= n_pg * ps)
         return mk[:A, :S].transpose(1, 2), mv[:A, :S].transpose(1, 2)  # (A, H, S, D)
 
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

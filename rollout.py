@@ -596,10 +596,11 @@ def sample(
         read = page_table[live, : S // ps].to(device)  # (A, S / ps) pages past a row's end hold 0: masked below
         if mode == "inplace":  # the pages are read through the page table
             return (static or flex)(last, pos, read)
-        if mode == "mirror":
-            cache.rebuild = live != prev_live
+        if mode == "mirror":  # attention reads exactly S = max(ctx) + 1 slots of the mirror, not whole pages
+            cache.rebuild, cache.span = live != prev_live, max(ctx) + 1
             cache.mirror_write = torch.arange(len(live), device=device) * (W * ps) + pos  # (A,)
             prev_live[:] = live
+            S = cache.span
         write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
         allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
         return step(model, cache, cache_kw, last, pos, read, write, additive_mask(allowed[:, None], dtype))  # (A, V)
