@@ -514,8 +514,8 @@ def sample(
         the live rows change; memory: the live rows' KV once more). "flex": in place,
         compiled FlexAttention with the page table as its block table (no dense copy).
         "flex_eager": the same uncompiled (torch evaluates the mask over the whole pool:
-        slow, a test reference). "auto": "flex" on CUDA, "mirror" elsewhere (the fastest on
-        CPU; bench/README.md).
+        slow, a test reference). "auto": "flex" on CUDA (with a page size that is a multiple
+        of 16; "gather" for smaller pages), "mirror" elsewhere (the fastest on CPU; bench/README.md).
     decode_graphs: run the in-place decode step at static shapes per batch-size bucket, one
         CUDA graph each (StaticDecode). None: on for "flex" on CUDA without `compile`. On CPU
         True runs the same padded static-shape step without a graph (a test of the padding).
@@ -526,10 +526,12 @@ def sample(
         raise ValueError("sample: empty prompt list or an empty prompt (every prompt needs at least one token)")
     _check_model(model)
     device = next(model.parameters()).device
-    if attention == "auto":
-        attention = "flex" if device.type == "cuda" else "mirror"
+    if attention == "auto":  # (Triton's FlexAttention tiles a KV block by >= 16 tokens: smaller pages take the reference path)
+        attention = "flex" if device.type == "cuda" and page_size % 16 == 0 else "gather" if device.type == "cuda" else "mirror"
     if attention not in ("gather", "mirror", "flex", "flex_eager"):
         raise ValueError(f"sample: attention={attention!r}: expected auto, gather, mirror, flex or flex_eager")
+    if attention == "flex" and device.type == "cuda" and page_size % 16:
+        raise ValueError(f"sample: attention='flex' on CUDA needs a page size that is a multiple of 16 (Triton's KV tiles), got {page_size}")
     if decode_graphs is None:
         decode_graphs = attention == "flex" and device.type == "cuda" and compile is None
     if decode_graphs and attention in ("gather", "mirror"):

@@ -321,3 +321,7 @@ def test_cuda_defaults_are_inplace_with_graphs():
     model, tok = model_lib.load("tiny", device="cuda", dtype=torch.bfloat16, seed=0)
     r = sample(model, PROMPTS, n=2, max_new_tokens=8, eos_token_ids=[], pad_token_id=tok.pad_token_id, generator=torch.Generator(device="cuda").manual_seed(0))
     assert r.stats["attention"] == "flex" and r.stats["graph_buckets"] == [8]
+    r1 = sample(model, PROMPTS, n=2, max_new_tokens=8, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=4)
+    assert r1.stats["attention"] == "gather" and r1.stats["graph_buckets"] == []  # pages below Triton's 16-token tiles
+    with pytest.raises(ValueError, match="multiple of 16"):
+        sample(model, PROMPTS, n=2, max_new_tokens=8, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=4, attention="flex")
