@@ -517,7 +517,8 @@ def sample(
         slow, a test reference). "auto": "flex" on CUDA (with a page size that is a multiple
         of 16; "gather" for smaller pages), "mirror" elsewhere (the fastest on CPU; bench/README.md).
     decode_graphs: run the in-place decode step at static shapes per batch-size bucket, one
-        CUDA graph each (StaticDecode). None: on for "flex" on CUDA without `compile`. On CPU
+        CUDA graph each (StaticDecode). None: on for "flex" on CUDA without `compile` in a
+        single-process run (off under torch.distributed: collectives in the forward). On CPU
         True runs the same padded static-shape step without a graph (a test of the padding).
     """
     if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or max_new_tokens < 1 or n < 1:
@@ -532,8 +533,9 @@ def sample(
         raise ValueError(f"sample: attention={attention!r}: expected auto, gather, mirror, flex or flex_eager")
     if attention == "flex" and device.type == "cuda" and page_size % 16:
         raise ValueError(f"sample: attention='flex' on CUDA needs a page size that is a multiple of 16 (Triton's KV tiles), got {page_size}")
-    if decode_graphs is None:
-        decode_graphs = attention == "flex" and device.type == "cuda" and compile is None
+    if decode_graphs is None:  # (not under torch.distributed: TP's all-reduces and FSDP's all-gathers in the forward)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        decode_graphs = attention == "flex" and device.type == "cuda" and compile is None and not distributed
     if decode_graphs and attention in ("gather", "mirror"):
         raise ValueError(f"sample: decode_graphs needs the in-place attention (attention='flex' or 'flex_eager'), {attention!r} has no static shapes")
     dtype = next(model.parameters()).dtype
