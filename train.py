@@ -393,7 +393,7 @@ def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, w
     return logp, ent, work
 
 
-def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None):
+def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None, opt=None):
     """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
     gradients accumulate in .grad (the caller clips and steps).
 
@@ -412,6 +412,8 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
     old_logp, _, _ = scores_in_chunks(model, student_prompts, responses, lengths, ..., with_entropy=False),
     and passed here at every update; s (hence u) is then that old_logp, the sampling policy's.
     teacher_logp: (N, T) t_t from section 5 (zeros for the no-teacher ablation), or None.
+    opt: the memory.AdamW (tensor parallel: it takes the replicated parameters' gradients after each
+    backward, see dist.hold_replicated_grads); None elsewhere is the same.
     Returns (the loss summed over micro-batches, s (N, T), u (N, T) or None).
     """
     N, T = responses.shape
@@ -431,7 +433,7 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
         u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
         adv = token_adv(idx, u, m)  # (n, Tm)
         loss = antisd.policy_loss(logp, s, adv, m, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens)
-        dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
+        dist_lib.backward(loss, model, D, opt)  # = loss.backward() (TP: see dist.backward)
         loss_sum += loss.item()
         s_all[idx, :Tm] = s
         if u is not None:
@@ -626,6 +628,7 @@ def main(args: argparse.Namespace) -> dict:
 
         benches = eval_lib.load_benchmarks(args.eval_bench.split(","), k=args.eval_k, limit=args.eval_limit)
     opt = memory.AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), states=args.optim_states)
+    dist_lib.hold_replicated_grads(opt, model, D)  # TP: replicated grads reach the fp32 sums after transformers' TP hook (dist.py)
     if args.recipe == "official":  # per-response lambda; run/<model>/sd.sh: target = median - 0.1, no hysteresis
         sd = args.method == "sd"
         gate = gate_lib.PerplexityGate(args.warmup_steps, **({"target_ratio": 0.0, "reactivate_ratio": 0.0} if sd else {}))
@@ -807,7 +810,7 @@ def main(args: argparse.Namespace) -> dict:
         batches = [order[b] for b in memory.split_to(batches, D.max(len(batches)))]  # row indices of each micro-batch
         opt.zero_grad(set_to_none=True)
         loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
-                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
+                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens, opt=opt)  # fmt: skip
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
         dist_lib.sync_replicated_grads(model, D, opt)  # FSDP: sum the grads of the unsharded embedding / head
         grad_norm = dist_lib.clip_grads_(opt.grads(), args.grad_clip)  # the fp32 sums (memory.AdamW), DTensor-aware (TP, FSDP)
