@@ -148,6 +148,18 @@ def test_engine_equals_twin_over_budgets(tiny, page_size, kv_tokens, max_rows, a
         assert r.stats["max_live_rows"] <= max_rows and r.stats["prefill_calls"] > 1
 
 
+@pytest.mark.parametrize("n", [1, 8])
+def test_prefill_in_packs_equals_twin(tiny, n):
+    """A step's admitted prompts split into packed forwards of <= prefill_pack tokens (lengths
+    5, 1, 9, 3 at 6: packs [5, 1], [9] alone, [3]) give the twin's tokens."""
+    model, tok = tiny
+    kw = dict(n=n, max_new_tokens=12, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
+    ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(8), **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(8), page_size=4, prefill_pack=6, **kw)
+    _same(r, ref)
+    assert r.stats["prefill_calls"] == 1 and r.stats["prefill_forwards"] == 3  # one admission step, three forwards
+
+
 @pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.0), (0, 0.8, 0.7), (8, 0.9, 1.3)])
 def test_engine_equals_twin_with_filters(tiny, top_k, top_p, temperature):
     model, tok = tiny
