@@ -21,8 +21,9 @@ this file owns the storage and the kernels' glue:
        attention runs unchanged (a 4D mask is "already prepared": transformers 5.17-5.24
        return it as-is instead of building one).
      - mirror (mode "mirror", the CPU default): the reference path's dense context kept
-       between steps for the live rows, one token appended per row per step and regathered
-       from the pages only when the live rows change; the same attention call as "gather".
+       between steps for the live rows, one token appended per row per step (to the mirror
+       only: write-back), rows moved or gathered from their pages only when the live rows
+       change; the same attention call as "gather".
      - in-place path (mode "inplace"): the pools themselves as (1, H, slots, D) views, read by
        `paged_attention` (FlexAttention) through a `BlockMask` whose block table IS the page
        table (`decode_block_mask`): no dense copy of any row's context.
@@ -108,13 +109,15 @@ class PagedCache(Cache):
         self.write: torch.Tensor | None = None  # (A * Q,) long
         self.read: torch.Tensor | None = None  # (A, S / ps) long page ids, or None in a prefill
         # mode "mirror": per layer a dense copy of the live rows' contexts, (R, W * ps, H, D);
-        # the engine sets `rebuild` (the live rows changed: gather them all again) or
-        # `mirror_write` (A,) (row a's new token goes to flat slot a * W * ps + pos[a]), and
-        # `span` (S: the longest context + 1; attention reads mirror[:A, :S])
+        # per decode step the engine sets `rebuild` (the live rows changed) with `keep_new`,
+        # `keep_old` (k,) (rows moved within the mirror) and `fresh` (f,) (rows gathered from
+        # their pages), `mirror_write` (A,) (row a's new token goes to flat slot
+        # a * W * ps + pos[a]) and `span` (S: the longest context + 1; attention reads mirror[:A, :S])
         self.mirror_rows, self.mirror_pages = mirror_rows, mirror_pages
         self.mk: list[torch.Tensor | None] = [None] * num_layers
         self.mv: list[torch.Tensor | None] = [None] * num_layers
-        self.rebuild, self.mirror_write, self.span = True, None, 0  # span: context slots attention reads
+        self.rebuild, self.mirror_write, self.span = True, None, 0
+        self.keep_new = self.keep_old = self.fresh = None
 
     def __len__(self) -> int:
         return self.num_layers
@@ -129,14 +132,14 @@ class PagedCache(Cache):
             self.k[layer_idx] = key_states.new_zeros(slots, H, D)
             self.v[layer_idx] = value_states.new_zeros(slots, H, value_states.shape[-1])
         kp, vp = self.k[layer_idx], self.v[layer_idx]
+        if self.mode == "mirror" and self.read is not None:  # a mirror decode step: the new token goes to the mirror only
+            return self._mirror(layer_idx, kp, vp, key_states, value_states)
         kp.index_copy_(0, self.write, key_states.transpose(1, 2).reshape(A * Q, H, D))  # (A*Q, H, D)
         vp.index_copy_(0, self.write, value_states.transpose(1, 2).reshape(A * Q, H, -1))
         if self.read is None:  # prefill: the context is the new tokens themselves
             return key_states, value_states
         if self.mode == "inplace":  # attention reads the pools through the block mask
             return kp.view(1, -1, H, D).transpose(1, 2), vp.view(1, -1, H, vp.shape[-1]).transpose(1, 2)  # (1, H, slots, D)
-        if self.mode == "mirror":
-            return self._mirror(layer_idx, kp, vp, key_states, value_states)
         # the reference gather, whole pages at a time (a page is one contiguous ps x H x D block)
         # into two buffers shared by all layers (layer i's attention is done before layer i+1
         # writes; a fresh multi-MB tensor per call costs more than the copy on CPU)
@@ -150,9 +153,15 @@ class PagedCache(Cache):
         return kb.view(A, S, H, D).transpose(1, 2), vb.view(A, S, H, -1).transpose(1, 2)  # (A, H, S, D)
 
     def _mirror(self, i: int, kp, vp, key_states, value_states):
-        """Mode "mirror" (a decode step): the dense copy of the live rows' contexts, one token
-        appended per row per step, regathered from the pages only when the live rows changed
-        (admission, a finished row, preemption). Returns (A, H, S, D) views of it."""
+        """Mode "mirror" (a decode step): the dense copy of the live rows' contexts is the
+        truth for live rows (write-back: a decode step writes its new token there only, never
+        to the pages). When the live rows changed, the mirror is rebuilt: rows that were in the
+        last decode step are moved from their old mirror row (`keep_old` -> `keep_new`), rows
+        prefilled since (admitted, or re-admitted after preemption: `fresh`) are gathered from
+        their pages, which the prefill wrote. Then every row's new token is appended at
+        (a, pos[a]). The pages of a decoded row are stale afterwards, which nothing reads: a
+        preempted row is re-prefilled from its tokens, a shared prompt page is never written
+        after its prefill. Returns (A, H, S, D) views of the mirror."""
         A, H, _, D = key_states.shape
         n_pg = self.read.shape[1]
         R, W, ps = self.mirror_rows, self.mirror_pages, self.page_size
@@ -160,13 +169,17 @@ class PagedCache(Cache):
             self.mk[i] = kp.new_zeros(R, W * ps, H, D)  # (R, W * ps, H, D)
             self.mv[i] = vp.new_zeros(R, W * ps, H, vp.shape[-1])
         mk, mv = self.mk[i], self.mv[i]
-        if self.rebuild:  # every live row's pages (its new token included: written to the pool above)
-            mk.view(R, W, -1)[:A, :n_pg] = kp.view(self.num_pages + 1, -1)[self.read]  # (A, S / ps, ps * H * D)
-            mv.view(R, W, -1)[:A, :n_pg] = vp.view(self.num_pages + 1, -1)[self.read]
-        else:
-            mk.view(R * W * ps, H, D).index_copy_(0, self.mirror_write, key_states[:, :, 0])  # (A, H, D) at (a, pos[a])
-            mv.view(R * W * ps, H, -1).index_copy_(0, self.mirror_write, value_states[:, :, 0])
         S = self.span  # the longest context exactly (<= n_pg * ps)
+        if self.rebuild:
+            if self.keep_new.numel():  # (the right side is a copy: moving rows within the mirror is safe)
+                mk[self.keep_new, :S] = mk[self.keep_old, :S]
+                mv[self.keep_new, :S] = mv[self.keep_old, :S]
+            if self.fresh.numel():
+                pages = self.read[self.fresh]  # (f, S / ps)
+                mk.view(R, W, -1)[self.fresh, :n_pg] = kp.view(self.num_pages + 1, -1)[pages]  # (f, S / ps, ps * H * D)
+                mv.view(R, W, -1)[self.fresh, :n_pg] = vp.view(self.num_pages + 1, -1)[pages]
+        mk.view(R * W * ps, H, D).index_copy_(0, self.mirror_write, key_states[:, :, 0])  # (A, H, D) at (a, pos[a])
+        mv.view(R * W * ps, H, -1).index_copy_(0, self.mirror_write, value_states[:, :, 0])
         return mk[:A, :S].transpose(1, 2), mv[:A, :S].transpose(1, 2)  # (A, H, S, D)
 
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,8 @@ lives. The engine, in the spirit of vLLM / nano-vllm, in plain PyTorch over the 
   4. Attention (paged.py, `attention=`). The reference path ("gather") copies each row's
      pages into a dense (A, H, S, D) context and runs the model's own sdpa / eager attention
      with a length mask. "mirror" (the CPU default) keeps that dense context between steps
-     and appends one token per row, regathering only when the live rows change. The in-place
+     and appends one token per row to it alone (write-back), moving rows or gathering them
+     from their pages only when the live rows change. The in-place
      path ("flex", the CUDA default) reads the pages where they are: FlexAttention with the
      page table as its block table (each row's full pages as full blocks, its last page as
      the one masked block), no dense copy.
@@ -515,8 +516,9 @@ def sample(
     attention: how decode attention reads the pages (paged.py). "gather": the reference path
         (each row's pages copied into a dense context, the model's own sdpa / eager
         attention, a length mask). "mirror": the same attention over a dense copy of the live
-        rows' contexts kept between steps (one token appended per step, regathered only when
-        the live rows change; memory: the live rows' KV once more). "flex": in place,
+        rows' contexts kept between steps (one token appended per step, to the copy only;
+        rows moved or gathered from their pages only when the live rows change; memory: the
+        live rows' KV once more). "flex": in place,
         compiled FlexAttention with the page table as its block table (no dense copy).
         "flex_eager": the same uncompiled (torch evaluates the mask over the whole pool:
         slow, a test reference). "auto": "flex" on CUDA (with a page size that is a multiple
@@ -562,7 +564,8 @@ def sample(
     mode = {"gather": "gather", "mirror": "mirror"}.get(attention, "inplace")
     cache = PagedCache(model.config.get_text_config(decoder=True).num_hidden_layers, sched.pool.num_pages, ps, mode=mode,
                        mirror_rows=min(max_rows, N), mirror_pages=W)  # fmt: skip
-    prev_live: list[int] = []  # the rows of the last decode step (mode "mirror": same rows, same order = append)
+    mirrored: list[int] = []  # mode "mirror": the rows in the mirror, in the last decode step's order
+    fresh: set[int] = set()  # rows prefilled since the last decode step (their pages hold their context)
     page_table = torch.zeros(N, W, dtype=torch.long)
     flex = functools.partial(_flex_step, step, model, cache, cache_kw)  # (last, pos, table) -> logits
     static = StaticDecode(flex, min(max_rows, N), W, cache.scratch, device, capture=device.type == "cuda") if decode_graphs else None
@@ -620,10 +623,16 @@ def sample(
         if mode == "inplace":  # the pages are read through the page table
             return (static or flex)(last, pos, read)
         if mode == "mirror":  # attention reads exactly S = max(ctx) + 1 slots of the mirror, not whole pages
-            cache.rebuild, cache.span = live != prev_live, max(ctx) + 1
+            where = {r: i for i, r in enumerate(mirrored)}  # row -> its mirror row (the last decode step's order)
+            keep = [(i, where[r]) for i, r in enumerate(live) if r in where and r not in fresh]
+            new = [i for i, r in enumerate(live) if r not in where or r in fresh]  # prefilled since: from their pages
+            cache.rebuild, cache.span = bool(new) or any(i != j for i, j in keep), max(ctx) + 1
+            cache.keep_new = torch.tensor([i for i, _ in keep], dtype=torch.long, device=device)
+            cache.keep_old = torch.tensor([j for _, j in keep], dtype=torch.long, device=device)
+            cache.fresh = torch.tensor(new, dtype=torch.long, device=device)
             cache.mirror_write = torch.arange(len(live), device=device) * (W * ps) + pos  # (A,)
-            prev_live[:] = live
-            S = cache.span
+            mirrored[:], S = live, cache.span
+            fresh.clear()
         write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
         allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
         return step(model, cache, cache_kw, last, pos, read, write, additive_mask(allowed[:, None], dtype))  # (A, V)
@@ -636,7 +645,7 @@ def sample(
             if items:
                 new = prefill(items)
                 logits = new if logits is None else torch.cat([logits, new])
-                prev_live.clear()  # (a re-admitted row may rejoin in its old place: the mirror regathers)
+                fresh.update(r for rows, _, _ in items for r in rows)
             # --- sample one token for every running row ---
             rows = sched.running[:]
             rows_t = torch.tensor(rows, device=device)  # (A,)
