@@ -25,17 +25,25 @@ How it maps onto the paper's LLM setting
   starting policy is a mixture and RL must learn to prefer search: held-out accuracy rises
   as P(search) rises. GRPO learns that from the sequence reward alone.
 - The difficulty knob (issue 15, `level_config`, `train.py --lab-level L`, L in [0, 1)): a
-  weaker base model. The warm start's plain prompts get search with probability 0.6 (1 - L)
-  instead of 0.6, and a share L of their direct answers become *confused blurts* that box
+  base model that can search but rarely does, and whose shortcut never pays. L = 0 is the
+  first study's lab, example for example (one warm-start phase, letter guesses). A level
+  L > 0 is a two-phase warm start: the level-0 warm start (the same cached model), then a
+  second supervised phase of a third as many steps (`phase2`) on the level's mix, where plain
+  prompts get search with probability 0.6 (1 - L) and otherwise a *confused blurt* that boxes
   the target number instead of a letter ("The answer is \\boxed{10}.", the wrong quantity:
-  always wrong). At L = 0 the warm start is today's, example for example. Raising L makes
-  the step-0 policy rarely right, so most groups of G rollouts are all-wrong and GRPO's A_seq
-  is 0 for them (`frac_zero_var` in metrics.jsonl, `frac_all_wrong` its all-wrong part).
-  Why this knob and not more candidates: a letter guess is right 1 time in K and K <= 6, so
-  guesses alone keep P(correct) >= ~0.17 and most groups mixed; only an always-wrong direct
-  answer lets sparsity reach ~0.85. What counts as deliberation and as shortcut does not
-  change: a confused blurt is a direct answer (`classify`), the problems, the held-out set,
-  the search traces and the teacher-format examples are the same at every level.
+  always wrong). Phase 1 teaches search to the level-0 standard (~0.97 correct), so the
+  difficulty is only *how rarely* the step-0 policy deliberates: P(correct) ~ 0.58 (1 - L),
+  most groups of G rollouts are all-wrong and GRPO's A_seq is 0 for them (`frac_zero_var` in
+  metrics.jsonl, `frac_all_wrong` its all-wrong part). The only way to reward is to search.
+  Why this knob (pilots, LOG.md): more candidates cannot do it (a letter guess is right 1 time
+  in K <= 6, which keeps most groups mixed); a one-phase weaker warm start (pilot 1) trains
+  search on fewer examples, so search itself was unreliable (~0.4 correct), and keeping a
+  share of letter guesses let GRPO climb by boxing letters (~0.3 accuracy) instead of
+  learning to search. What counts as deliberation and as shortcut does not change: a
+  confused blurt is a direct answer (`classify`), the problems, the held-out set, the search
+  traces and the teacher-format examples are the same at every level; the levels > 0 differ
+  only in the search share of phase 2 (level 0, with its letter guesses that sometimes pay,
+  is not one of them: the sweep uses levels > 0 only).
 - The privileged context: the warm start also shows teacher-format prompts (a correct
   previous attempt + "Your answer is correct/incorrect.", the paper's wording), and there
   the model mostly *copies* the answer directly, the way a pretrained LLM shortcuts when it
@@ -58,6 +66,7 @@ Grading is exact match on the last \\boxed{...} letter (a truncated response has
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -180,17 +189,21 @@ def datasets(n_train: int = 20000, n_eval: int = 200, seed: int = 1234) -> tuple
 WARM_DEFAULTS = dict(steps=600, batch=16, lr=1e-3, p_direct=0.4, p_confused=0.0, p_copy=0.8, p_teacher=0.3, seed=0)
 
 
+LEVEL_PHASE2 = 1 / 3  # a level > 0: its second warm-start phase has this share of the first's steps
+
+
 def level_config(level: float) -> dict:
     """The warm-start settings of lab difficulty `level` (see the module docstring).
 
-    L = 0 is the default lab (p_direct 0.4, no confused blurts). L in (0, 1): P(search) on
-    plain prompts 0.6 (1 - L), P(direct) 0.4 + 0.6 L, of which a share L are confused blurts
-    (the rest letter guesses). The step-0 P(correct) is then about 0.6 (1 - L) * 0.97 +
-    (0.4 + 0.6 L) (1 - L) / 3.5, which falls fast as L -> 1 (L 0.9: ~0.09, L 0.98: ~0.02).
+    L = 0 is the default lab ({}: one phase, p_direct 0.4, letter guesses). L in (0, 1): after
+    the level-0 warm start, a second phase of round(steps * LEVEL_PHASE2) steps on plain prompts
+    that search with probability 0.6 (1 - L) and otherwise blurt the target number (p_confused
+    1: no letter guesses, the shortcut is always wrong). Step-0 P(correct) is then about
+    0.58 (1 - L): with G = 8, frac_zero_var ~ (1 - 0.58 (1 - L))^8 (L 0.8: ~0.4, L 0.9: ~0.6).
     """
     if not 0.0 <= level < 1.0:
         raise ValueError(f"lab level must be in [0, 1), got {level}")
-    return {"p_direct": 0.4 + 0.6 * level, "p_confused": level} if level else {}
+    return {"p_direct": 0.4 + 0.6 * level, "p_confused": 1.0, "phase2": LEVEL_PHASE2} if level else {}
 
 
 def warm_overrides(level: float = 0.0, steps: int | None = None) -> dict:
@@ -234,6 +247,8 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
     so changing any of them retrains. Returns the model (loaded from the cache when present).
     steps=0: no warm start (the model as it is, nothing cached). A cache_dir that cannot be
     written (a read-only working directory) is found before training: trained, not cached.
+    A level > 0 (`phase2` in the settings, level_config) is the level-0 warm start (its own
+    cache entry, shared by every level) followed by the level's phase 2, cached under its key.
     """
     cfg = {**WARM_DEFAULTS, **overrides}
     if cfg["steps"] < 0:
@@ -251,15 +266,42 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
         return warmed
     if path and not _writable(cache_dir):
         print(f"warm start: cannot write the cache in {cache_dir} (read-only?): training it anyway, not cached (every run retrains)")
-        path = None
-    rng = random.Random(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
+        cache_dir = path = None
+    if cfg.get("phase2"):
+        # phase 1: the level-0 warm start with the same steps/batch/lr/seed (loaded if cached)
+        base = {k: cfg[k] for k in WARM_DEFAULTS if k not in ("p_direct", "p_confused")}
+        model = warm_start(model, tokenizer, train, cache_dir=cache_dir, **base)
+        # phase 2: the level's mix, a fresh optimizer and schedule, its own example stream
+        _sft(model, tokenizer, train, cfg, steps=max(1, round(cfg["steps"] * cfg["phase2"])), seed=cfg["seed"] + 1, desc="warm start phase 2 (the level's mix)")
+    else:
+        _sft(model, tokenizer, train, cfg, steps=cfg["steps"], seed=cfg["seed"], desc="warm start (SFT)")
+    if path:
+        tmp = f"{path}.tmp-{os.getpid()}"  # atomic: write aside, then one rename
+        try:
+            model_lib.save(model, tokenizer, tmp)
+        except OSError as e:  # disk full, quota: the trained model is still good; go on uncached
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC else str(e)
+            print(f"warm start: could not cache it at {path} ({why}): going on with the trained model, not cached", flush=True)
+            return model
+        if os.path.exists(path):  # another process cached the same warm start first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        print(f"warm start: cached at {path}")
+    return model
+
+
+def _sft(model, tokenizer, train: list[dict], cfg: dict, *, steps: int, seed: int, desc: str) -> None:
+    """`steps` supervised steps on warm_example's mix of `cfg`, in place (model left in eval mode)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     # linear warmup over 30 steps, constant, then a linear decay over the last 20%
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30, 5 * (1 - s / cfg["steps"])))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30, 5 * (1 - s / steps)))
     eos = tokenizer.eos_token_id
     model.train()
-    bar = tqdm(range(cfg["steps"]), desc="warm start (SFT)")
+    bar = tqdm(range(steps), desc=desc)
     for step in bar:
         # a batch is all teacher-format or all plain: similar prompt lengths, little padding
         teacher = rng.random() < cfg["p_teacher"]
@@ -281,15 +323,6 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    if path:
-        tmp = f"{path}.tmp-{os.getpid()}"  # atomic: write aside, then one rename
-        model_lib.save(model, tokenizer, tmp)
-        if os.path.exists(path):  # another process cached the same warm start first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        print(f"warm start: cached at {path}")
-    return model
 
 
 def _writable(d: str) -> bool:

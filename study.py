@@ -175,8 +175,10 @@ def prewarm(argv: list[str], threads: int) -> None:
 def run_all(args) -> None:
     """Every (method, seed) run that is not done, args.jobs at a time."""
     todo = []
-    for method in args.methods:
-        for seed in args.seeds:
+    # seed-major (every method of seed 0, then of seed 1, ...): a study cut short still holds
+    # whole seeds, each with its GRPO run, so its speedups are defined
+    for seed in args.seeds:
+        for method in args.methods:
             state = run_state(args, method, seed)
             d = run_dir(args.out, method, seed)
             if state == "done" and args.skip_existing:

@@ -258,7 +258,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         try:  # a missing local path is said now, not as a hub error after the imports
             if name:
                 model_lib.check_local(name)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: {flag}: {e}") from None
     return args
 
@@ -271,7 +271,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 class Task:
     """What the loop needs to know about a problem set: prompts, references and grading."""
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, problems: list[dict] | None = None):
+        """problems: the training set of a non-lab run, already loaded (load_problems; main loads it
+        before the model, so a bad file is named in seconds, not after a model load)."""
         self.lab = args.data == "lab"
         kw = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
         self.template_kw = kw
@@ -284,10 +286,7 @@ class Task:
             import data
             import grading
 
-            try:
-                self.train, _ = data.load_problems(args.data)
-            except (data.DataError, OSError, ValueError) as e:  # the message names the file and row
-                raise SystemExit(f"train.py: --data {args.data}: {e}") from None
+            self.train = problems if problems is not None else load_problems(args)
             self.held_out = None
             self.user_text = lambda p: data.user_text(p["problem"])
             # SPEC: the verified solution falls back to the dataset reference; answer-only
@@ -332,6 +331,19 @@ class Task:
         if self.lab:
             return [self._grade(t, a) for t, a in zip(texts, answers)]
         return self._grading.grade_many(texts, answers)
+
+
+def load_problems(args) -> list[dict]:
+    """--data's problems (data.load_problems), or exit naming the file and row."""
+    import data
+
+    try:
+        problems, _ = data.load_problems(args.data)
+    except (data.DataError, OSError, ValueError) as e:  # the message names the file and row
+        raise SystemExit(f"train.py: --data {args.data}: {e}") from None
+    if not problems:
+        raise SystemExit(f"train.py: --data {args.data}: no training problems")
+    return problems
 
 
 def next_problems(task: Task, state: dict, B: int) -> list[dict]:
@@ -518,6 +530,8 @@ def find_resume(args, given: set[str]) -> tuple[argparse.Namespace, str | None, 
         if bad:
             raise SystemExit(f"train.py: --resume: no complete checkpoint in {args.out}: " + "; ".join(why for _, why in bad))
         where = "" if "out" in given else " (the default --out for these flags: pass the run's --out)"
+        if who := runs.holder(args.out):
+            where = f" yet: a live run ({who}) writes there and has not saved one"
         raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}{where}")
     with open(os.path.join(path, "args.json")) as f:
         saved = json.load(f)
@@ -593,6 +607,7 @@ def main(args: argparse.Namespace) -> dict:
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
+    problems = None if args.data == "lab" else load_problems(args)  # before the run dir and the model: a bad file is named in seconds
 
     # --- setup: processes, run directory, model, task, optimizer, gate, RNG ---
     D = dist_lib.setup(tp=args.tp, fsdp=args.fsdp, device=args.device)  # torchrun ranks; one process: nothing to start
@@ -610,8 +625,13 @@ def main(args: argparse.Namespace) -> dict:
     # the lab is fp32 unless told otherwise, also when it resumes from a checkpoint directory (which
     # model.load would otherwise load in bf16 on CUDA, beside an optimizer state saved for fp32)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.model == "tiny" else None)
-    model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
-    task = Task(args, tokenizer)
+    name = resume_from or args.init_from or args.model
+    try:
+        model, tokenizer = dist_lib.load(name, D, dtype=dtype, seed=args.seed)  # = model.load in one process
+    except (FileNotFoundError, ValueError) as e:  # not a model directory and not on the hub (or offline): one line
+        flag = "--resume" if resume_from else "--init-from" if args.init_from else "--model"
+        raise SystemExit(f"train.py: {flag}: {e}") from None
+    task = Task(args, tokenizer, problems)
     if task.lab and not (resume_from or args.init_from):
         import lab
 
@@ -680,8 +700,7 @@ def main(args: argparse.Namespace) -> dict:
         args.micro_batch_tokens = args.micro_batch_tokens or max(1, plan.micro_batch_tokens)
         args.kv_tokens = args.kv_tokens or plan.kv_tokens
     if D.is_main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        runs.write_json(os.path.join(args.out, "args.json"), vars(args))
     # only rank 0 writes metrics and samples; lines are written whole (runs.Log)
     metrics_f = runs.Log(os.path.join(args.out, "metrics.jsonl") if D.is_main else None)
     samples_f = runs.Log(os.path.join(args.out, "samples.jsonl") if D.is_main else None)

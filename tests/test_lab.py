@@ -1,7 +1,9 @@
 """lab.py's difficulty knob (issue 15): level 0 is the old lab example for example, higher
-levels give a weaker warm start (fewer searches, confused blurts that are always wrong)
-without changing what counts as search or direct, and train.py passes --lab-level through."""
+levels add a second warm-start phase (fewer searches, direct answers all confused blurts that
+are always wrong) on top of the level-0 warm start, without changing what counts as search or
+direct, and train.py passes --lab-level through."""
 
+import os
 import random
 
 import pytest
@@ -50,7 +52,8 @@ def test_plain_prompt_mix_follows_the_level(level):
         p = train[i % len(train)]
         _, resp = lab.warm_example(p, rng, cfg, teacher=False)
         counts[kind(p, resp)] += 1
-    want = {"search": 0.6 * (1 - level), "confused": (0.4 + 0.6 * level) * level, "guess": (0.4 + 0.6 * level) * (1 - level)}
+    # level 0: 40% letter guesses; a level > 0: no guesses left, every direct answer is confused
+    want = {"search": 0.6 * (1 - level), "confused": (0.4 + 0.6 * level) * (level > 0), "guess": 0.4 * (level == 0)}
     for k, v in want.items():  # binomial sd <= 0.0065 at n = 6000: 0.025 is ~4 sd
         assert abs(counts[k] / n - v) < 0.025, (level, k, counts[k] / n, v)
 
@@ -86,7 +89,36 @@ def test_a_higher_level_gives_a_different_warm_start_cache_key(tmp_path, monkeyp
     monkeypatch.setattr(lab, "warm_start", lambda model, tok, data, cache_dir=None, **kw: seen.append(kw) or model)
     for level in ("0", "0.9"):
         train.main(train.get_parser().parse_args(["--method", "grpo", "--steps", "1", "--eval-every", "0", *FAST, "--lab-level", level, "--out", str(tmp_path / level)]))
-    assert seen == [{"steps": 3}, {"steps": 3, "p_direct": pytest.approx(0.94), "p_confused": 0.9}]
+    assert seen == [{"steps": 3}, {"steps": 3, "p_direct": pytest.approx(0.94), "p_confused": 1.0, "phase2": lab.LEVEL_PHASE2}]
+
+
+def test_a_level_is_the_level_zero_warm_start_then_its_phase_two(tmp_path, monkeypatch, capsys):
+    """Level > 0: phase 1 is the level-0 warm start (same settings, shared cache entry), then
+    round(steps / 3) steps on the level's mix from those weights; both are cached."""
+    import model as model_lib
+
+    train, _ = lab.datasets(n_train=50, n_eval=5)
+    calls, real = [], lab._sft
+
+    def spy(model, tok, data, cfg, *, steps, seed, desc):
+        calls.append((cfg.get("phase2"), cfg["p_direct"], cfg["p_confused"], steps, seed, float(sum(p.detach().sum() for p in model.parameters()))))
+        real(model, tok, data, cfg, steps=steps, seed=seed, desc=desc)
+
+    monkeypatch.setattr(lab, "_sft", spy)
+    fresh = lambda: model_lib.load("tiny", device="cpu", seed=0)  # noqa: E731
+    m, tok = fresh()
+    level0 = lab.warm_start(m, tok, train, cache_dir=str(tmp_path), **lab.warm_overrides(0.0, 6))
+    w0 = float(sum(p.detach().sum() for p in level0.parameters()))
+    assert calls == [(None, 0.4, 0.0, 6, 0, pytest.approx(calls[0][5]))]
+    m, tok = fresh()
+    lab.warm_start(m, tok, train, cache_dir=str(tmp_path), **lab.warm_overrides(0.9, 6))
+    # phase 1 came from the cache (no second level-0 phase), phase 2 started from its weights
+    assert len(calls) == 2 and calls[1][:5] == (lab.LEVEL_PHASE2, pytest.approx(0.94), 1.0, 2, 1)
+    assert calls[1][5] == pytest.approx(w0, rel=1e-6)
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("warm-")]) == 2
+    m, tok = fresh()
+    lab.warm_start(m, tok, train, cache_dir=str(tmp_path), **lab.warm_overrides(0.9, 6))
+    assert len(calls) == 2 and "loaded from cache" in capsys.readouterr().out  # the level itself is cached
 
 
 @pytest.mark.parametrize("argv", [["--lab-level", "1"], ["--lab-level", "-0.5"], ["--lab-level", "0.5", "--model", "random:nope"]])
@@ -115,3 +147,27 @@ def test_step_logs_sparsity_and_the_token_term_next_to_a_seq(tmp_path, monkeypat
             assert 0.0 <= r["frac_all_wrong"] <= r["frac_zero_var"] <= 1.0
             assert r["seq_adv_abs_mean"] >= 0.0 and (r["frac_zero_var"] < 1.0 or r["seq_adv_abs_mean"] == 0.0)
             assert (r["tok_term_abs_mean"] == 0.0) == (method == "grpo"), (method, r["tok_term_abs_mean"])
+
+
+def test_warm_start_cache_on_a_full_disk_goes_on_uncached(tmp_path, monkeypatch, capsys):
+    """Issue 16: the disk fills while the warm start writes its cache: the trained model is kept,
+    the message says no space left, no temp dir stays behind, and nothing claims it was cached."""
+    import errno
+
+    import model as model_lib
+
+    train, _ = lab.datasets(n_train=50, n_eval=5)
+    real_save = model_lib.save
+
+    def full_disk(model, tok, path):
+        real_save(model, tok, path)  # a partial write, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_lib, "save", full_disk)
+    m, tok = model_lib.load("tiny", device="cpu", seed=0)
+    before = float(sum(p.detach().sum() for p in m.parameters()))
+    warmed = lab.warm_start(m, tok, train, cache_dir=str(tmp_path), **lab.warm_overrides(0.0, 3))
+    out = capsys.readouterr().out
+    assert "no space left" in out and "cached at" not in out
+    assert float(sum(p.detach().sum() for p in warmed.parameters())) != before  # trained, returned
+    assert os.listdir(tmp_path) == []  # no temp dir, no half cache entry
