@@ -132,6 +132,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens (rows x longest prompt+response) per training micro-batch, on top of --micro-batch rows; default: the memory plan's budget on CUDA, no limit on CPU")
     g.add_argument("--sample-rows", type=int, default=None, help="most rows decoding at once in the sampler (continuous batching: waiting prompts join as rows finish); default: all of them")
     g.add_argument("--kv-tokens", type=int, default=None, help="the sampler's paged KV pool, tokens; default: the memory plan's KV budget on CUDA, every row at full length on CPU")
+    g.add_argument("--sampler-attention", default="auto", choices=["auto", "gather", "mirror", "flex"],
+                   help="how the sampler's decode attention reads the paged KV cache (rollout.sample's attention=): auto = flex (in place) on CUDA, mirror on CPU")
+    g.add_argument("--no-decode-graphs", action="store_true", help="run the sampler's decode step eagerly instead of as CUDA graphs per batch-size bucket (the CUDA default)")
     g.add_argument("--keep-optim-on-gpu", action="store_true", help="keep AdamW's fp32 master weights and moments on the GPU while sampling (default on one GPU: moved to pinned CPU memory, freeing ~45 GiB for the KV cache at 4B)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run under torchrun --nproc-per-node N (transformers' TP plan; every rank samples the same tokens)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 over all torchrun processes: layers, grads and AdamW states sharded; each rank samples its own prompts-per-step / world prompts")
@@ -143,7 +146,8 @@ def get_parser() -> argparse.ArgumentParser:
 # checkpoint's args.json) and a different value is refused; out / resume / overwrite are this
 # invocation's.
 RESUME_FLAGS = ("steps", "eval_every", "eval_bench", "eval_k", "save_every", "keep_last", "sample_every",
-                "micro_batch", "micro_batch_tokens", "sample_rows", "kv_tokens", "keep_optim_on_gpu", "grad_ckpt", "threads", "device")  # fmt: skip
+                "micro_batch", "micro_batch_tokens", "sample_rows", "kv_tokens", "keep_optim_on_gpu", "grad_ckpt", "threads", "device",
+                "sampler_attention", "no_decode_graphs")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -741,7 +745,8 @@ def main(args: argparse.Namespace) -> dict:
             opt.offload()  # AdamW's state to pinned CPU memory: the KV pool gets that memory (memory.plan counts on it)
         with dist_lib.unsharded(model):  # FSDP: all-gather the layers once, not at every decoded token
             roll = sample(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen, kv_tokens=args.kv_tokens, max_rows=args.sample_rows)  # fmt: skip
+                          eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen, kv_tokens=args.kv_tokens, max_rows=args.sample_rows,
+                          attention=args.sampler_attention, decode_graphs=False if args.no_decode_graphs else None)  # fmt: skip
         if offload_optim:
             opt.reload()
         D.check_same(roll.tokens, "the sampled tokens")  # TP: every rank must hold the same rollouts
