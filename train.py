@@ -1,6 +1,6 @@
 """train.py: GRPO + AntiSD, one linear loop from arguments to update.
 
-    python train.py                                        # the CPU lab, end to end (~6 min on 2 idle cores, 1 thread)
+    python train.py                                        # the CPU lab, end to end (~5 min on 2 cores, 1 thread)
     python train.py --model Qwen/Qwen3-4B-Instruct-2507    # the paper's setting on a GPU
     python train.py --method grpo --out runs/grpo          # the baseline (see --help for all variants)
 
