@@ -238,7 +238,15 @@ def _single_device_map_without_accelerate():
     import transformers.modeling_utils as mu
 
     orig = mu.check_and_set_device_map
-    mu.check_and_set_device_map = lambda dm: {"": dm} if isinstance(dm, torch.device) else orig(dm)
+
+    def one_device(dm):
+        # what DistributedConfig hands in: a torch.device on an accelerator (5.17-5.24), the
+        # string "cpu" on a CPU mesh (5.17); anything else (a real multi-device map) is accelerate's
+        if isinstance(dm, str) and dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            dm = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dm == "cuda" else dm)
+        return {"": dm} if isinstance(dm, torch.device) else orig(dm)
+
+    mu.check_and_set_device_map = one_device
     try:
         yield
     finally:
@@ -351,7 +359,23 @@ def unsharded(model):
 # ---------------------------------------------------------------------------------------
 
 
-def backward(loss: torch.Tensor, model, D: Dist) -> None:
+def hold_replicated_grads(opt, model, D: Dist) -> None:
+    """TP: memory.AdamW takes the replicated (non-DTensor) parameters' gradients at the end of each
+    backward (in `backward` below), not in its post-accumulate hook. Why: q_norm / k_norm see only
+    this rank's heads, so their gradients are partial until transformers' TP hook sums them over
+    the ranks, and that hook runs AFTER ours: transformers 5.24 registers a post-accumulate hook at
+    the first forward (after the optimizer's: our hook freed .grad first, its all_reduce then gets
+    None), 5.17 a module backward hook that skips a None .grad (the sum then silently stays this
+    rank's part). tests/dist_check.py (tp_bf16) checks the fp32 sums against one process.
+    FSDP / single: nothing to do."""
+    if D.mode != "tp":
+        return
+    from torch.distributed.tensor import DTensor
+
+    opt.hold([n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)])
+
+
+def backward(loss: torch.Tensor, model, D: Dist, opt=None) -> None:
     """loss.backward() for one micro-batch; under TP with one fix-up.
 
     NOTE (transformers 5.24): TP's "replicated_with_grad_allreduce" style (Qwen3's q_norm /
@@ -361,21 +385,24 @@ def backward(loss: torch.Tensor, model, D: Dist) -> None:
     gradients off by 5e-3 with 3 micro-batches). So each backward gets an empty .grad for the
     replicated (non-DTensor) parameters and the previous sum is added back afterwards: every
     micro-batch is reduced exactly once. (For replicated parameters without the hook, the
-    RMSNorms, this is plain accumulation.)
+    RMSNorms, this is plain accumulation.) opt: the memory.AdamW after hold_replicated_grads, which
+    then takes each such gradient into its fp32 sum here.
     """
     if D.mode != "tp":
         loss.backward()
         return
     from torch.distributed.tensor import DTensor
 
-    plain = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
-    before = [p.grad for p in plain]
-    for p in plain:
+    plain = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    before = [p.grad for _, p in plain]
+    for _, p in plain:
         p.grad = None
-    loss.backward()
-    for p, g in zip(plain, before):
+    loss.backward()  # transformers' hook has now summed this micro-batch's q_norm / k_norm grads over the ranks
+    for (n, p), g in zip(plain, before):
         if g is not None:
             p.grad = g if p.grad is None else p.grad.add_(g)
+        if opt is not None:
+            opt.take(n)  # a low-precision parameter's final micro-batch gradient into its fp32 sum (hold_replicated_grads)
 
 
 def sync_replicated_grads(model, D: Dist, opt=None) -> None:

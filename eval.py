@@ -44,14 +44,59 @@ import os
 import sys
 import time
 
-import torch
-from tqdm import tqdm
-
 import data
-import grading
 
 PAPER_BENCHES = "aime24,aime25,aime26,hmmt25,minerva"
 MAX_NEW_TOKENS = 32768  # [D] see above; the lab's responses need 96
+
+
+# The parser needs no torch: `--help` and a mistyped flag answer before the heavy imports below
+# (torch, transformers and math-verify take seconds).
+def get_parser():
+    p = argparse.ArgumentParser(description="evaluate a model on the paper's math benchmarks, or compare two runs (--speedup)")
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--model", default=None, help="'tiny', 'random:<hub id>', a hub id or a local checkpoint dir")
+    g.add_argument("--bench", default=PAPER_BENCHES,
+                   help=f"comma-separated: registered names ({', '.join(data.SOURCES)}), lab (train.py's CPU lab), NAME=PATH for a local copy in "
+                        f"that dataset's layout, or .jsonl/.json/.parquet paths with problem/answer (default: the paper's five)")  # fmt: skip
+    g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (quick runs; default: all)")
+    g = p.add_argument_group("sampling (paper: k=32 AIME/HMMT, k=4 Minerva, T=0.7, top-p 0.95)")
+    g.add_argument("--k", type=int, default=None, help="samples per problem for every benchmark (default: each benchmark's own k)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off); default 0.95 (lab 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit in tokens; default {MAX_NEW_TOKENS} (the paper trains up to 32K; lab 96)")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per sampler call (problems x samples); default: as many as fit in free GPU memory at full length, at most 64 (64 on CPU)")
+    g.add_argument("--enable-thinking", default="off", choices=["default", "on", "off"],
+                   help="chat-template thinking switch (Qwen3): off = the paper's non-thinking setting (train.py's default too); default = the template's own")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for --bench lab (as train.py), torch's own otherwise")
+    g.add_argument("--grade-workers", type=int, default=None, help="grading processes (default: min(8, cpus); 0 = in-process)")
+    g.add_argument("--out", default=None, help="directory for samples.jsonl and summary.json (default: print only)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or data reports")
+    g = p.add_argument_group("speedup mode")
+    g.add_argument("--speedup", nargs=2, metavar=("BASE.jsonl", "METHOD.jsonl"), default=None,
+                   help="compare two runs' metrics.jsonl eval records instead of evaluating")
+    g.add_argument("--metric", default="eval_acc", help="the metrics.jsonl field holding the eval Avg (with --speedup)")
+    g = p.add_argument_group("gold self-check")
+    g.add_argument("--check-golds", default=None, metavar="BENCH_OR_FILE",
+                   help="instead of evaluating: grade each gold of these benchmarks (same spec as --bench) against "
+                        "renderings of itself (boxed, LaTeX scientific notation, \\frac, a trailing unit) and list the failures")  # fmt: skip
+    return p
+
+
+if __name__ == "__main__":
+    ARGS = get_parser().parse_args()
+    if not ARGS.speedup and not ARGS.check_golds and not ARGS.model:
+        get_parser().error("--model is required (or use --speedup BASE.jsonl METHOD.jsonl, or --check-golds BENCH)")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import grading  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -365,6 +410,7 @@ def check_args(args):
         (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
         (args.grade_workers is None or args.grade_workers >= 0, "--grade-workers must be >= 0"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -394,7 +440,10 @@ def main(args):
     if args.check_golds:  # grade each benchmark's golds against renderings of themselves (grading.check_golds)
         out = {}
         for spec in [s.strip() for s in args.check_golds.split(",") if s.strip()]:
-            problems, report = data.load_problems(spec, verbose=not args.quiet)
+            try:  # a bad file or an unreachable hub: the message, not a traceback
+                problems, report = data.load_problems(spec, verbose=not args.quiet)
+            except (data.DataError, OSError, ValueError, RuntimeError) as e:
+                raise SystemExit(f"eval.py: --check-golds {spec}: {e}") from None
             out[report["name"]] = grading.check_golds(problems, workers=args.grade_workers)
             print(grading.format_check_golds(report["name"], out[report["name"]]))
         return out
@@ -408,9 +457,17 @@ def main(args):
     import memory
     import model as model_lib
 
+    specs = [s.strip() for s in args.bench.split(",") if s.strip()]
+    threads = args.threads or (1 if specs == ["lab"] and "OMP_NUM_THREADS" not in os.environ else None)
+    if threads:  # the lab on CPU: 1 thread, as train.py (a second thread collapses when the machine is shared: LOG.md)
+        torch.set_num_threads(threads)
+
     memory.configure_cuda_allocator()  # expandable segments, before the first CUDA allocation
 
-    specs = [s.strip() for s in args.bench.split(",") if s.strip()]
+    try:  # a missing local model directory is said before any data is read
+        model_lib.check_local(args.model or "")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eval.py: --model: {e}") from None
     try:  # the data before the model: a bad file is named in seconds, not after a model load
         benches = load_benchmarks(specs, k=args.k, limit=args.limit, verbose=not args.quiet)
     except (data.DataError, OSError, ValueError, RuntimeError) as e:
@@ -434,58 +491,38 @@ def main(args):
         print(file=sys.stderr, flush=True)
     print(format_table(result, args.model), flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "samples.jsonl"), "w", encoding="utf-8") as f:
-            for name, r in result["benches"].items():
-                for rec in r["samples"]:
-                    f.write(json.dumps({"bench": name, **rec}, ensure_ascii=False) + "\n")
-        summary = {
-            "args": vars(args), "Avg": result["Avg"],
-            "benches": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in result["benches"].items()},
-        }  # fmt: skip
-        with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        print(f"wrote {args.out}/samples.jsonl and {args.out}/summary.json")
+        write_outputs(args, result)
     return result
 
 
-def get_parser():
-    p = argparse.ArgumentParser(description="evaluate a model on the paper's math benchmarks, or compare two runs (--speedup)")
-    g = p.add_argument_group("what to evaluate")
-    g.add_argument("--model", default=None, help="'tiny', 'random:<hub id>', a hub id or a local checkpoint dir")
-    g.add_argument("--bench", default=PAPER_BENCHES,
-                   help=f"comma-separated: registered names ({', '.join(data.SOURCES)}), lab (train.py's CPU lab), NAME=PATH for a local copy in "
-                        f"that dataset's layout, or .jsonl/.json/.parquet paths with problem/answer (default: the paper's five)")  # fmt: skip
-    g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark (quick runs; default: all)")
-    g = p.add_argument_group("sampling (paper: k=32 AIME/HMMT, k=4 Minerva, T=0.7, top-p 0.95)")
-    g.add_argument("--k", type=int, default=None, help="samples per problem for every benchmark (default: each benchmark's own k)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off); default 0.95 (lab 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit in tokens; default {MAX_NEW_TOKENS} (the paper trains up to 32K; lab 96)")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per sampler call (problems x samples); default: as many as fit in free GPU memory at full length, at most 64 (64 on CPU)")
-    g.add_argument("--enable-thinking", default="off", choices=["default", "on", "off"],
-                   help="chat-template thinking switch (Qwen3): off = the paper's non-thinking setting (train.py's default too); default = the template's own")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    g.add_argument("--grade-workers", type=int, default=None, help="grading processes (default: min(8, cpus); 0 = in-process)")
-    g.add_argument("--out", default=None, help="directory for samples.jsonl and summary.json (default: print only)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or data reports")
-    g = p.add_argument_group("speedup mode")
-    g.add_argument("--speedup", nargs=2, metavar=("BASE.jsonl", "METHOD.jsonl"), default=None,
-                   help="compare two runs' metrics.jsonl eval records instead of evaluating")
-    g.add_argument("--metric", default="eval_acc", help="the metrics.jsonl field holding the eval Avg (with --speedup)")
-    g = p.add_argument_group("gold self-check")
-    g.add_argument("--check-golds", default=None, metavar="BENCH_OR_FILE",
-                   help="instead of evaluating: grade each gold of these benchmarks (same spec as --bench) against "
-                        "renderings of itself (boxed, LaTeX scientific notation, \\frac, a trailing unit) and list the failures")  # fmt: skip
-    return p
+def write_outputs(args, result):
+    """DIR/samples.jsonl and DIR/summary.json, each written aside and renamed: a write that fails
+    (disk full) says so, naming the file, and leaves no half file (the table is printed already)."""
+    summary = {
+        "args": vars(args), "Avg": result["Avg"],
+        "benches": {n: {k: v for k, v in r.items() if k != "samples"} for n, r in result["benches"].items()},
+    }  # fmt: skip
+    for name in ("samples.jsonl", "summary.json"):
+        path = os.path.join(args.out, name)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                if name == "summary.json":
+                    json.dump(summary, f, indent=1)
+                else:
+                    for bench, r in result["benches"].items():
+                        for rec in r["samples"]:
+                            f.write(json.dumps({"bench": bench, **rec}, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            raise SystemExit(f"eval.py: could not write {path}: {e.strerror or e}") from None  # ENOSPC: "No space left on device"
+    print(f"wrote {args.out}/samples.jsonl and {args.out}/summary.json")
+
+
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    if not args.speedup and not args.check_golds and not args.model:
-        get_parser().error("--model is required (or use --speedup BASE.jsonl METHOD.jsonl, or --check-golds BENCH)")
-    main(args)
+    main(ARGS)

@@ -49,10 +49,38 @@ import os
 import random
 import statistics
 
-import torch
 
-import antisd
-import model as model_lib
+# The parser needs no torch: `--help` and a mistyped flag answer before the heavy imports below.
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and prompt")
+    g.add_argument("--model", default="tiny", help='"tiny" (the warm-started lab model), a lab checkpoint dir, or any HF model dir / hub id')
+    g.add_argument("--warm-steps", type=int, default=None, help="tiny only: warm-start steps (default: lab's; 0 = no warm start, a random model)")
+    g.add_argument("--problem", type=int, default=0, help="lab: index of the held-out problem to inspect")
+    g.add_argument("--prompt", default=None, help="user message (default: the lab problem; required for non-lab models)")
+    g.add_argument("--context", default=None, help="privileged context c, a correct solution (default: lab.search_solution of the problem)")
+    g.add_argument("--response", default=None, help="score this response text instead of sampling one (EOS appended)")
+    g.add_argument("--feedback", default="auto", choices=["auto", "correct", "incorrect"], help="the teacher's 'Your answer is ...' line; auto grades the response (lab), else 'correct'")
+    g = p.add_argument_group("sampling and scoring")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy); scores use it too (1.0 when greedy), as training does")
+    g.add_argument("--max-new-tokens", type=int, default=96, help="response length cap in tokens")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (and the lab context's wording)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads; default $OMP_NUM_THREADS if set, else 1 for the lab (as train.py), torch's own otherwise")
+    g = p.add_argument_group("output")
+    g.add_argument("--html", default="pmi.html", help="HTML heatmap path")
+    g.add_argument("--json", default=None, help="also write tokens, u, categories and stats here")
+    g.add_argument("--scale", type=float, default=4.0, help="|u| (nats) at which the color saturates")
+    g.add_argument("--no-color", action="store_true", help="plain terminal output (no ANSI colors)")
+    return p
+
+
+if __name__ == "__main__":
+    ARGS = get_parser().parse_args()
+
+import torch  # noqa: E402
+
+import antisd  # noqa: E402
+import model as model_lib  # noqa: E402
 
 CATEGORIES = ("deliberation", "structural", "other")
 
@@ -296,26 +324,6 @@ def is_lab_model(name: str) -> bool:
     return os.path.isfile(path) and json.load(open(path)).get("data") == "lab"
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and prompt")
-    g.add_argument("--model", default="tiny", help='"tiny" (the warm-started lab model), a lab checkpoint dir, or any HF model dir / hub id')
-    g.add_argument("--warm-steps", type=int, default=None, help="tiny only: warm-start steps (default: lab's; 0 = no warm start, a random model)")
-    g.add_argument("--problem", type=int, default=0, help="lab: index of the held-out problem to inspect")
-    g.add_argument("--prompt", default=None, help="user message (default: the lab problem; required for non-lab models)")
-    g.add_argument("--context", default=None, help="privileged context c, a correct solution (default: lab.search_solution of the problem)")
-    g.add_argument("--response", default=None, help="score this response text instead of sampling one (EOS appended)")
-    g.add_argument("--feedback", default="auto", choices=["auto", "correct", "incorrect"], help="the teacher's 'Your answer is ...' line; auto grades the response (lab), else 'correct'")
-    g = p.add_argument_group("sampling and scoring")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy); scores use it too (1.0 when greedy), as training does")
-    g.add_argument("--max-new-tokens", type=int, default=96, help="response length cap in tokens")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (and the lab context's wording)")
-    g = p.add_argument_group("output")
-    g.add_argument("--html", default="pmi.html", help="HTML heatmap path")
-    g.add_argument("--json", default=None, help="also write tokens, u, categories and stats here")
-    g.add_argument("--scale", type=float, default=4.0, help="|u| (nats) at which the color saturates")
-    g.add_argument("--no-color", action="store_true", help="plain terminal output (no ANSI colors)")
-    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -326,14 +334,37 @@ def check_args(args: argparse.Namespace) -> None:
         (args.scale > 0, "--scale must be > 0"),
         (args.warm_steps is None or args.warm_steps >= 0, "--warm-steps must be >= 0 (0 = no warm start)"),
         (args.problem >= 0, "--problem must be >= 0"),
+        (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"inspect_pmi.py: {msg}")
+    if args.prompt is None and is_lab_model(args.model):  # the lab's held-out set (a few ms), before a warm start
+        import lab
+
+        n = len(lab.datasets(n_train=1)[1])
+        if args.problem >= n:
+            raise SystemExit(f"inspect_pmi.py: --problem {args.problem}: the lab has {n} held-out problems (0 to {n - 1})")
+    for flag, path in (("--html", args.html), ("--json", args.json)):  # the outputs, tried before the work
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise SystemExit(f"inspect_pmi.py: {flag} {path} is a directory, not a file")
+        existed = os.path.exists(path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path, "a").close()
+            if not existed:
+                os.remove(path)
+        except OSError as e:
+            raise SystemExit(f"inspect_pmi.py: {flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
+    threads = args.threads or (1 if is_lab_model(args.model) and "OMP_NUM_THREADS" not in os.environ else None)
+    if threads:  # the lab (its warm start, when not cached): 1 thread, as train.py
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     try:
         model, tok = load_model(args.model, warm_steps=args.warm_steps, seed=args.seed)
@@ -344,9 +375,7 @@ def main(args: argparse.Namespace) -> dict:
     if lab_mode:
         import lab
 
-        _, held_out = lab.datasets(n_train=1)
-        if args.problem >= len(held_out):
-            raise SystemExit(f"inspect_pmi.py: --problem {args.problem}: the lab has {len(held_out)} held-out problems (0 to {len(held_out) - 1})")
+        _, held_out = lab.datasets(n_train=1)  # (--problem is in range: check_args)
         problem = held_out[args.problem]
         user = lab.user_text(problem)
         context = args.context if args.context is not None else lab.search_solution(problem, random.Random(args.seed))
@@ -389,4 +418,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    main(ARGS)

@@ -66,6 +66,7 @@ Grading is exact match on the last \\boxed{...} letter (a truncated response has
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -276,7 +277,13 @@ def warm_start(model, tokenizer, train: list[dict], *, cache_dir: str | None = N
         _sft(model, tokenizer, train, cfg, steps=cfg["steps"], seed=cfg["seed"], desc="warm start (SFT)")
     if path:
         tmp = f"{path}.tmp-{os.getpid()}"  # atomic: write aside, then one rename
-        model_lib.save(model, tokenizer, tmp)
+        try:
+            model_lib.save(model, tokenizer, tmp)
+        except OSError as e:  # disk full, quota: the trained model is still good; go on uncached
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC else str(e)
+            print(f"warm start: could not cache it at {path} ({why}): going on with the trained model, not cached", flush=True)
+            return model
         if os.path.exists(path):  # another process cached the same warm start first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -116,16 +116,29 @@ class AdamW:
                 s["master"] = p.detach().to(torch.float32, copy=True)
             self.state[name] = s
         self._grad32: dict[str, torch.Tensor] = {}  # name -> fp32 gradient sum of a low-precision parameter
+        self._held: set[str] = set()  # names whose .grad the caller hands over (hold / take), not the hook
         for name, p in self.params.items():
             if p.dtype != torch.float32:
                 p.register_post_accumulate_grad_hook(self._hook(name))
+
+    def hold(self, names) -> None:
+        """These parameters' gradients are NOT taken by the post-accumulate hook; the caller hands
+        them over with take() once they are final (dist.hold_replicated_grads: under tensor parallel,
+        transformers sums q_norm / k_norm's partial gradients over the ranks in a hook of its own,
+        which must run before the fp32 sum sees them)."""
+        self._held |= set(names)
+
+    def take(self, name: str) -> None:
+        """Add the parameter's current .grad into its fp32 sum and free it (a held parameter's turn)."""
+        if self.params[name].dtype != torch.float32:
+            self._take(name, self.params[name])
 
     def _hook(self, name: str):
         me = weakref.ref(self)  # the parameter keeps its hooks: never let them keep an old optimizer's states alive
 
         def take(p: torch.Tensor) -> None:  # runs right after autograd (or FSDP) wrote p.grad
             opt = me()
-            if opt is not None:
+            if opt is not None and name not in opt._held:
                 opt._take(name, p)
 
         return take

@@ -223,16 +223,19 @@ def load(name: str, *, dtype: torch.dtype | None = None, device: str | torch.dev
 
 
 def check_local(name: str) -> None:
-    """Raise FileNotFoundError when `name` is meant as a local model directory (an existing
-    directory, or a path a hub id cannot be: more than one "/", or starting with . / ~) and is
-    not one with a config.json. Hub ids ("org/name") and the presets pass."""
+    """Raise ValueError for an unknown random:<hub id> preset; FileNotFoundError when `name`
+    is meant as a local model directory (an existing directory, or a path a hub id cannot be:
+    more than one "/", or starting with . / ~, or "dir/name" whose dir is a directory here, e.g.
+    runs/x) and is not one with a config.json. Hub ids ("org/name") and the presets pass."""
+    if name.startswith("random:") and name.split(":", 1)[1] not in REAL_CONFIGS:
+        raise ValueError(f"load: unknown random preset {name!r}; known: {', '.join('random:' + k for k in REAL_CONFIGS)}")
     if name == "tiny" or name.startswith("random:"):
         return
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise FileNotFoundError(f"load: {name!r} is a directory but not a model (no config.json in it)")
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"load: model directory {name!r} does not exist")  # a hub id is "org/name"
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0])):
+        raise FileNotFoundError(f"load: model directory {name!r} does not exist")
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

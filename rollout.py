@@ -31,12 +31,20 @@ lives. The engine, in the spirit of vLLM / nano-vllm, in plain PyTorch over the 
      different schedules (and a preempted row's context is recomputed by a prefill), which
      can move the last bits; a token flips only if u lands within that noise of a CDF
      boundary (~1e-6 per token), and log-probs agree to ~1e-6.
-  4. Attention (paged.py): the reference path gathers each row's pages into a dense
-     (A, H, S, D) context and runs the model's own sdpa / eager attention with a length
-     mask. A fast path that reads the pages in place (FlexAttention with a page table) is
-     not written yet (see bench/README.md).
+  4. Attention (paged.py, `attention=`). The reference path ("gather") copies each row's
+     pages into a dense (A, H, S, D) context and runs the model's own sdpa / eager attention
+     with a length mask. "mirror" (the CPU default) keeps that dense context between steps
+     and appends one token per row to it alone (write-back), moving rows or gathering them
+     from their pages only when the live rows change. The in-place
+     path ("flex", the CUDA default) reads the pages where they are: FlexAttention with the
+     page table as its block table (each row's full pages as full blocks, its last page as
+     the one masked block), no dense copy.
+  5. CUDA-graph decode (`decode_graphs=`, on by default with "flex" on CUDA): the in-place
+     step at static shapes, live rows padded to a bucket (1, 2, 4, ..., max_rows), each
+     bucket captured once and replayed (`StaticDecode`).
      Hooked in through transformers' public extension points only: a `Cache` subclass, a
-     prepared 4D mask (returned as-is by transformers' mask builders, 5.17-5.24) and explicit
+     prepared 4D mask or a BlockMask (returned as-is by transformers' mask builders,
+     5.17-5.24), an attention function registered with `AttentionInterface`, explicit
      `position_ids`.
 
 Log-probs: `logprobs[i, t]` is log softmax(logits / temperature)[token] of the FULL
@@ -53,14 +61,16 @@ first), A live rows (A <= max_rows), T = max_new_tokens, V vocabulary, ps page s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from paged import PagedCache, PagePool, additive_mask
+from paged import FLEX, FLEX_EAGER, PagedCache, PagePool, additive_mask, decode_block_mask
 
 
 @dataclass
@@ -348,11 +358,102 @@ def default_kv_tokens(model, rows: int, row_tokens: int, page_size: int, device:
 
 def _decode_step(model, cache: PagedCache, cache_kw: str, last, pos, read, write, mask) -> torch.Tensor:
     """One decode forward, the part `compile=` hands to torch.compile: last (A,) tokens at
-    positions pos (A,), context pages read (A, S/ps), new slots write (A,), additive mask
-    (A, 1, 1, S) -> next-token logits (A, V)."""
+    positions pos (A,), context pages read (A, S/ps), new slots write (A,), the mask (additive
+    (A, 1, 1, S) on the reference path, a BlockMask over the pool on the in-place path) ->
+    next-token logits (A, V)."""
     cache.read, cache.write = read, write
     out = model(input_ids=last[:, None], position_ids=pos[:, None], attention_mask=mask, use_cache=True, **{cache_kw: cache})
     return out.logits[:, -1]
+
+
+def _flex_step(forward, model, cache: PagedCache, cache_kw: str, last, pos, table) -> torch.Tensor:
+    """The in-place decode step from its three inputs alone (what a CUDA graph captures): last
+    (A,) tokens, pos (A,) their positions, table (A, W) page tables -> logits (A, V). The new
+    token's slot and the BlockMask are computed on the device from them."""
+    ps = cache.page_size
+    write = table.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
+    return forward(model, cache, cache_kw, last, pos, table, write, decode_block_mask(table, pos, ps, cache.num_pages))
+
+
+class StaticDecode:
+    """The in-place decode step at static shapes: one CUDA graph per batch-size bucket (issue 14
+    item 5; in the spirit of nano-vllm's per-batch-size graphs).
+
+    The live rows (A of them) are copied into static buffers padded to the smallest bucket
+    b >= A of (1, 2, 4, ..., max_rows); a padded row feeds token 0 at position 0 with the
+    scratch page as its table, so it writes and reads only the scratch page, and its logits
+    are dropped. The first time a bucket is used its step is run twice (warm-up: compiles the
+    kernel for the shape) and captured into a CUDA graph in one memory pool shared by all
+    buckets (replays never overlap), writing its logits into one (max_rows, V) buffer; later
+    steps copy their inputs in and replay it. With
+    capture=False (CPU, or decode_graphs off) the same padded step runs without a graph,
+    which is how the padding is tested on CPU. If a capture fails, it warns and runs the
+    rest of the call uncaptured (stats["graph_buckets"] says which buckets replayed)."""
+
+    def __init__(self, step, max_rows: int, width: int, scratch: int, device: torch.device, capture: bool):
+        self.step, self.scratch, self.capture = step, scratch, capture
+        self.buckets = [1 << k for k in range(max(1, max_rows).bit_length()) if 1 << k < max_rows] + [max_rows]
+        self.last = torch.zeros(max_rows, dtype=torch.long, device=device)  # (B,)
+        self.pos = torch.zeros(max_rows, dtype=torch.long, device=device)  # (B,)
+        self.table = torch.full((max_rows, width), scratch, dtype=torch.long, device=device)  # (B, W)
+        self.graphs: dict[int, tuple] = {}  # bucket -> (CUDAGraph, its logits (b, V))
+        self.pool = None
+
+    def __call__(self, last: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        A, w = table.shape
+        b = next(x for x in self.buckets if x >= A)
+        self.last[:A].copy_(last)
+        self.last[A:b].zero_()
+        self.pos[:A].copy_(pos)
+        self.pos[A:b].zero_()
+        self.table[:A, :w].copy_(table)  # columns past a row's last page are never read
+        self.table[A:b, 0].fill_(self.scratch)
+        args = (self.last[:b], self.pos[:b], self.table[:b])
+        if not self.capture:
+            return self.step(*args)[:A]
+        if b not in self.graphs:
+            try:
+                self.graphs[b] = self._capture(args)
+            except Exception as e:  # noqa: BLE001  a model whose forward cannot be captured still samples
+                warnings.warn(f"rollout: CUDA-graph capture of the decode step failed ({type(e).__name__}: {e}); running it uncaptured (decode_graphs=False silences this)")
+                self.capture = False
+                return self.step(*args)[:A]
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:A]
+
+    def _capture(self, args):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: compiles, lazy allocations; it writes the same K/V the replay will
+            for _ in range(2):
+                warm = self.step(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+            self.out = warm.new_empty(self.last.shape[0], warm.shape[-1])  # (B, V) every graph's logits land here
+        del warm
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            # the graph's own logits die after the copy, so the shared pool reuses them: the
+            # buckets' outputs cost one (B, V) buffer, as an uncaptured step's logits do
+            self.out[: args[0].shape[0]].copy_(self.step(*args))
+        return graph, self.out
+
+
+@contextlib.contextmanager
+def _attention(model, name: str | None):
+    """Run with the model's attention implementation switched to `name` (a function registered
+    with transformers' AttentionInterface, paged.py), then restore it. None: leave it."""
+    old = model.config._attn_implementation
+    if name is None or name == old:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
 
 
 def _in_eval_mode(fn):
@@ -391,7 +492,10 @@ def sample(
     page_size: int = 16,
     max_rows: int | None = None,
     prefill_tokens: int = 4096,
+    prefill_pack: int | None = None,
     compile: str | None = None,
+    attention: str = "auto",
+    decode_graphs: bool | None = None,
 ) -> Rollout:
     """Sample n responses for each prompt (rows prompt-major). See the module docstring.
 
@@ -400,11 +504,29 @@ def sample(
     kv_tokens: size of the paged KV pool in tokens (rounded down to whole pages); default:
         every row at full length, capped on CUDA by the free memory (train.py passes the
         memory plan's budget). page_size: tokens per page.
-    max_rows: rows decoding at once (default: all N). prefill_tokens: tokens per packed
-        prefill call (one item may exceed it alone).
+    max_rows: rows decoding at once (default: all N). prefill_tokens: prompt tokens admitted
+        per step (one item may exceed it alone). prefill_pack: tokens per packed prefill
+        forward; a step's admitted prompts run as several such packs. The packed mask is
+        dense, so a pack's attention costs its length squared: default 256 on CPU (10m, 64
+        prompts of 16-48 tokens: 0.60 s of CPU in 256-token packs, 0.63 s in 512, 1.0 s in one
+        2K-token pack, 0.78 s for the old sampler's padded batch), prefill_tokens on CUDA.
     compile: a torch.compile backend for the decode step ("inductor"; the test uses
         "aot_eager" to keep compile time small), None = eager. Shapes are dynamic (A and S
         change every step), so it compiles once per sample() call, not per batch size.
+    attention: how decode attention reads the pages (paged.py). "gather": the reference path
+        (each row's pages copied into a dense context, the model's own sdpa / eager
+        attention, a length mask). "mirror": the same attention over a dense copy of the live
+        rows' contexts kept between steps (one token appended per step, to the copy only;
+        rows moved or gathered from their pages only when the live rows change; memory: the
+        live rows' KV once more). "flex": in place,
+        compiled FlexAttention with the page table as its block table (no dense copy).
+        "flex_eager": the same uncompiled (torch evaluates the mask over the whole pool:
+        slow, a test reference). "auto": "flex" on CUDA (with a page size that is a multiple
+        of 16; "gather" for smaller pages), "mirror" elsewhere (the fastest on CPU; bench/README.md).
+    decode_graphs: run the in-place decode step at static shapes per batch-size bucket, one
+        CUDA graph each (StaticDecode). None: on for "flex" on CUDA without `compile` in a
+        single-process run (off under torch.distributed: collectives in the forward). On CPU
+        True runs the same padded static-shape step without a graph (a test of the padding).
     """
     if temperature < 0 or not (0 < top_p <= 1) or top_k < 0 or max_new_tokens < 1 or n < 1:
         raise ValueError(f"sample: bad arguments temperature={temperature} top_p={top_p} top_k={top_k} max_new_tokens={max_new_tokens} n={n}")
@@ -412,12 +534,24 @@ def sample(
         raise ValueError("sample: empty prompt list or an empty prompt (every prompt needs at least one token)")
     _check_model(model)
     device = next(model.parameters()).device
+    if attention == "auto":  # (Triton's FlexAttention tiles a KV block by >= 16 tokens: smaller pages take the reference path)
+        attention = "flex" if device.type == "cuda" and page_size % 16 == 0 else "gather" if device.type == "cuda" else "mirror"
+    if attention not in ("gather", "mirror", "flex", "flex_eager"):
+        raise ValueError(f"sample: attention={attention!r}: expected auto, gather, mirror, flex or flex_eager")
+    if attention == "flex" and device.type == "cuda" and page_size % 16:
+        raise ValueError(f"sample: attention='flex' on CUDA needs a page size that is a multiple of 16 (Triton's KV tiles), got {page_size}")
+    if decode_graphs is None:  # (not under torch.distributed: TP's all-reduces and FSDP's all-gathers in the forward)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        decode_graphs = attention == "flex" and device.type == "cuda" and compile is None and not distributed
+    if decode_graphs and attention in ("gather", "mirror"):
+        raise ValueError(f"sample: decode_graphs needs the in-place attention (attention='flex' or 'flex_eager'), {attention!r} has no static shapes")
     dtype = next(model.parameters()).dtype
     eos = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids), dtype=torch.long, device=device)
     B, T = len(prompts), max_new_tokens
     N = B * n
     seed = seed_from(generator) if temperature > 0 else 0
     max_rows = N if max_rows is None else max_rows
+    prefill_pack = prefill_pack or (256 if device.type == "cpu" else prefill_tokens)
     if kv_tokens is None:
         kv_tokens = default_kv_tokens(model, N, max(map(len, prompts)) + T, page_size, device)
     sched = Scheduler([len(p) for p in prompts], n, T, num_pages=max(1, kv_tokens // page_size), page_size=page_size,
@@ -425,9 +559,16 @@ def sample(
     ps = page_size
     cache_kw = _cache_kw(model)
     step = _decode_step if compile is None else torch.compile(_decode_step, backend=compile, dynamic=True)
-    cache = PagedCache(model.config.get_text_config(decoder=True).num_hidden_layers, sched.pool.num_pages, ps)
     # page tables of all rows on the host, (N, pages of a full row); a decode step copies the live rows' part over
-    page_table = torch.zeros(N, sched.pages_for(max(map(len, prompts)) + T), dtype=torch.long)
+    W = sched.pages_for(max(map(len, prompts)) + T)
+    mode = {"gather": "gather", "mirror": "mirror"}.get(attention, "inplace")
+    cache = PagedCache(model.config.get_text_config(decoder=True).num_hidden_layers, sched.pool.num_pages, ps, mode=mode,
+                       mirror_rows=min(max_rows, N), mirror_pages=W)  # fmt: skip
+    mirrored: list[int] = []  # mode "mirror": the rows in the mirror, in the last decode step's order
+    fresh: set[int] = set()  # rows prefilled since the last decode step (their pages hold their context)
+    page_table = torch.zeros(N, W, dtype=torch.long)
+    flex = functools.partial(_flex_step, step, model, cache, cache_kw)  # (last, pos, table) -> logits
+    static = StaticDecode(flex, min(max_rows, N), W, cache.scratch, device, capture=device.type == "cuda") if decode_graphs else None
 
     def set_pages(r):
         page_table[r, : len(sched.pages[r])] = torch.tensor(sched.pages[r], dtype=torch.long)
@@ -438,6 +579,19 @@ def sample(
     last = None  # (A,) the token each running row feeds next
 
     def prefill(items):
+        """The admitted items' feeds as packed forwards of <= prefill_pack tokens each (an item
+        longer than that alone): logits (rows admitted, V) in the items' order."""
+        packs, size = [[]], 0
+        for it in items:
+            if packs[-1] and size + it[1] > prefill_pack:
+                packs.append([])
+                size = 0
+            packs[-1].append(it)
+            size += it[1]
+        sched.stats["prefill_forwards"] = sched.stats.get("prefill_forwards", 0) + len(packs)
+        return torch.cat([prefill_pack_forward(p) for p in packs])
+
+    def prefill_pack_forward(items):
         """One packed forward over the items' feeds: (1, sum feed) tokens, block-diagonal causal mask."""
         ids, pos, seg, write = [], [], [], []
         for k, (rows, feed, _) in enumerate(items):
@@ -466,42 +620,59 @@ def sample(
         pos = torch.tensor(ctx, device=device)  # (A,)
         S = sched.pages_for(max(ctx) + 1) * ps  # whole pages
         read = page_table[live, : S // ps].to(device)  # (A, S / ps) pages past a row's end hold 0: masked below
+        if mode == "inplace":  # the pages are read through the page table
+            return (static or flex)(last, pos, read)
+        if mode == "mirror":  # attention reads exactly S = max(ctx) + 1 slots of the mirror, not whole pages
+            where = {r: i for i, r in enumerate(mirrored)}  # row -> its mirror row (the last decode step's order)
+            keep = [(i, where[r]) for i, r in enumerate(live) if r in where and r not in fresh]
+            new = [i for i, r in enumerate(live) if r not in where or r in fresh]  # prefilled since: from their pages
+            cache.rebuild, cache.span = bool(new) or any(i != j for i, j in keep), max(ctx) + 1
+            cache.keep_new = torch.tensor([i for i, _ in keep], dtype=torch.long, device=device)
+            cache.keep_old = torch.tensor([j for _, j in keep], dtype=torch.long, device=device)
+            cache.fresh = torch.tensor(new, dtype=torch.long, device=device)
+            cache.mirror_write = torch.arange(len(live), device=device) * (W * ps) + pos  # (A,)
+            mirrored[:], S = live, cache.span
+            fresh.clear()
         write = read.gather(1, (pos // ps)[:, None]).squeeze(1) * ps + pos % ps  # (A,) slot of the new token
         allowed = torch.arange(S, device=device)[None, :] <= pos[:, None]  # (A, S) from lengths
         return step(model, cache, cache_kw, last, pos, read, write, additive_mask(allowed[:, None], dtype))  # (A, V)
 
-    while sched.busy:
-        # --- admit waiting prompts (and preempted rows) and prefill them ---
-        items = sched.admit()
-        if items:
-            new = prefill(items)
-            logits = new if logits is None else torch.cat([logits, new])
-        # --- sample one token for every running row ---
-        rows = sched.running[:]
-        rows_t = torch.tensor(rows, device=device)  # (A,)
-        t_t = torch.tensor([sched.length[r] for r in rows], device=device)  # (A,) response position
-        u = uniforms(seed, rows_t, t_t) if temperature > 0 else None
-        tok, lp = _next_token(logits, temperature, top_k, top_p, u)  # (A,), (A,)
-        tokens[rows_t, t_t] = tok
-        logprobs[rows_t, t_t] = lp
-        stops = torch.isin(tok, eos).tolist()  # the step's one host sync
-        # --- finished rows return their pages; the others get a slot (or are preempted) ---
-        sched.sampled(stops)
-        sched.grow()
-        if not sched.running:
-            logits = None
-            continue
-        for r, j, p in sched.new_pages:
-            page_table[r, j] = p
-        idx = {r: i for i, r in enumerate(rows)}
-        keep = torch.tensor([idx[r] for r in sched.running], device=device)  # survivors, in order
-        logits = decode(sched.running, tok[keep])
-        sched.decoded()
+    # the model's attention switched to ours for the call (the in-place path), restored after
+    with _attention(model, {"flex": FLEX, "flex_eager": FLEX_EAGER}.get(attention)):
+        while sched.busy:
+            # --- admit waiting prompts (and preempted rows) and prefill them ---
+            items = sched.admit()
+            if items:
+                new = prefill(items)
+                logits = new if logits is None else torch.cat([logits, new])
+                fresh.update(r for rows, _, _ in items for r in rows)
+            # --- sample one token for every running row ---
+            rows = sched.running[:]
+            rows_t = torch.tensor(rows, device=device)  # (A,)
+            t_t = torch.tensor([sched.length[r] for r in rows], device=device)  # (A,) response position
+            u = uniforms(seed, rows_t, t_t) if temperature > 0 else None
+            tok, lp = _next_token(logits, temperature, top_k, top_p, u)  # (A,), (A,)
+            tokens[rows_t, t_t] = tok
+            logprobs[rows_t, t_t] = lp
+            stops = torch.isin(tok, eos).tolist()  # the step's one host sync
+            # --- finished rows return their pages; the others get a slot (or are preempted) ---
+            sched.sampled(stops)
+            sched.grow()
+            if not sched.running:
+                logits = None
+                continue
+            for r, j, p in sched.new_pages:
+                page_table[r, j] = p
+            idx = {r: i for i, r in enumerate(rows)}
+            keep = torch.tensor([idx[r] for r in sched.running], device=device)  # survivors, in order
+            logits = decode(sched.running, tok[keep])
+            sched.decoded()
     sched.pool.check_whole()
     lengths = torch.tensor(sched.length, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     ended = lengths > 0
     finished[ended] = torch.isin(tokens[ended].gather(1, (lengths[ended] - 1)[:, None]).squeeze(1), eos)
     logprobs.masked_fill_(torch.arange(T, device=device)[None] >= lengths[:, None], 0.0)
-    stats = dict(sched.stats, mean_live_rows=sched.stats["decode_rows"] / max(1, sched.stats["decode_calls"]))
+    stats = dict(sched.stats, mean_live_rows=sched.stats["decode_rows"] / max(1, sched.stats["decode_calls"]), attention=attention,
+                 graph_buckets=sorted(static.graphs) if static else [])  # fmt: skip
     return Rollout(tokens=tokens, lengths=lengths, finished=finished, logprobs=logprobs, stats=stats)

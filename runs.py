@@ -95,6 +95,21 @@ def lock(out: str) -> None:
     _HELD[path] = f
 
 
+def holder(out: str) -> str | None:
+    """Who holds OUT/.lock ("pid ... on ... since ..."), or None when no live run does. Takes
+    nothing: a probe for messages (a resume that finds no checkpoint in a live run's directory)."""
+    path = os.path.join(out, ".lock")
+    if not os.path.isfile(path) or os.path.realpath(path) in _HELD:
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def unlock(out: str) -> None:
     f = _HELD.pop(os.path.realpath(os.path.join(out, ".lock")), None)
     if f is not None:
@@ -267,6 +282,20 @@ def write_failed(what: str, e: BaseException, out: str, *, cleanup: str | None =
     return f"train.py: could not write {what} in {out}: {type(e).__name__}: {e}"
 
 
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` atomically (a temp file, then one rename); a failed write
+    (disk full) leaves the old file as it was, no temp file, and ends the run with write_failed's message."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise SystemExit(write_failed(os.path.basename(path), e, os.path.dirname(path) or ".")) from e
+
+
 class Log:
     """An append-only JSONL file whose lines are written whole. A write that fails (disk full)
     is cut back to the last whole line and ends the run with write_failed's message, so no
@@ -363,19 +392,21 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def scoped(main):
-    """Decorator for train.main: whatever way it ends, the signal handlers it installed (Stop)
-    are restored and the run-directory locks it took are released."""
+    """Decorator for train.main: whatever way it ends, the Stops it made are closed (their signal
+    handlers restored, an obeyed OUT/STOP removed) and the run-directory locks it took are released."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         handlers = {s: signal.getsignal(s) for s in Stop.SIGNALS}
-        locks = set(_HELD)
+        locks, stops = set(_HELD), list(_STOPS)
         try:
             return main(*args, **kwargs)
         finally:
+            for stop in [st for st in _STOPS if st not in stops]:
+                stop.close()  # (also removes an obeyed OUT/STOP: a save that then failed must not stop the resume)
             for s, h in handlers.items():
                 signal.signal(s, h)
-            _STOPS.clear()
+            _STOPS[:] = stops
             for path in set(_HELD) - locks:
                 _HELD.pop(path).close()
 

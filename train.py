@@ -1,6 +1,6 @@
 """train.py: GRPO + AntiSD, one linear loop from arguments to update.
 
-    python train.py                                        # the CPU lab, end to end (~10 min on 2 cores, 1 thread)
+    python train.py                                        # the CPU lab, end to end (~5 min on 2 cores, 1 thread)
     python train.py --model Qwen/Qwen3-4B-Instruct-2507    # the paper's setting on a GPU
     python train.py --method grpo --out runs/grpo          # the baseline (see --help for all variants)
 
@@ -132,6 +132,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-tokens", type=int, default=None, help="padded tokens (rows x longest prompt+response) per training micro-batch, on top of --micro-batch rows; default: the memory plan's budget on CUDA, no limit on CPU")
     g.add_argument("--sample-rows", type=int, default=None, help="most rows decoding at once in the sampler (continuous batching: waiting prompts join as rows finish); default: all of them")
     g.add_argument("--kv-tokens", type=int, default=None, help="the sampler's paged KV pool, tokens; default: the memory plan's KV budget on CUDA, every row at full length on CPU")
+    g.add_argument("--sampler-attention", default="auto", choices=["auto", "gather", "mirror", "flex"],
+                   help="how the sampler's decode attention reads the paged KV cache (rollout.sample's attention=): auto = flex (in place) on CUDA, mirror on CPU")
+    g.add_argument("--no-decode-graphs", action="store_true", help="run the sampler's decode step eagerly instead of as CUDA graphs per batch-size bucket (the CUDA default)")
     g.add_argument("--keep-optim-on-gpu", action="store_true", help="keep AdamW's fp32 master weights and moments on the GPU while sampling (default on one GPU: moved to pinned CPU memory, freeing ~45 GiB for the KV cache at 4B)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: run under torchrun --nproc-per-node N (transformers' TP plan; every rank samples the same tokens)")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 over all torchrun processes: layers, grads and AdamW states sharded; each rank samples its own prompts-per-step / world prompts")
@@ -143,7 +146,8 @@ def get_parser() -> argparse.ArgumentParser:
 # checkpoint's args.json) and a different value is refused; out / resume / overwrite are this
 # invocation's.
 RESUME_FLAGS = ("steps", "eval_every", "eval_bench", "eval_k", "save_every", "keep_last", "sample_every",
-                "micro_batch", "micro_batch_tokens", "sample_rows", "kv_tokens", "keep_optim_on_gpu", "grad_ckpt", "threads", "device")  # fmt: skip
+                "micro_batch", "micro_batch_tokens", "sample_rows", "kv_tokens", "keep_optim_on_gpu", "grad_ckpt", "threads", "device",
+                "sampler_attention", "no_decode_graphs")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,7 +258,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         try:  # a missing local path is said now, not as a hub error after the imports
             if name:
                 model_lib.check_local(name)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: {flag}: {e}") from None
     return args
 
@@ -267,7 +271,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 class Task:
     """What the loop needs to know about a problem set: prompts, references and grading."""
 
-    def __init__(self, args, tokenizer):
+    def __init__(self, args, tokenizer, problems: list[dict] | None = None):
+        """problems: the training set of a non-lab run, already loaded (load_problems; main loads it
+        before the model, so a bad file is named in seconds, not after a model load)."""
         self.lab = args.data == "lab"
         kw = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
         self.template_kw = kw
@@ -280,10 +286,7 @@ class Task:
             import data
             import grading
 
-            try:
-                self.train, _ = data.load_problems(args.data)
-            except (data.DataError, OSError, ValueError) as e:  # the message names the file and row
-                raise SystemExit(f"train.py: --data {args.data}: {e}") from None
+            self.train = problems if problems is not None else load_problems(args)
             self.held_out = None
             self.user_text = lambda p: data.user_text(p["problem"])
             # SPEC: the verified solution falls back to the dataset reference; answer-only
@@ -328,6 +331,19 @@ class Task:
         if self.lab:
             return [self._grade(t, a) for t, a in zip(texts, answers)]
         return self._grading.grade_many(texts, answers)
+
+
+def load_problems(args) -> list[dict]:
+    """--data's problems (data.load_problems), or exit naming the file and row."""
+    import data
+
+    try:
+        problems, _ = data.load_problems(args.data)
+    except (data.DataError, OSError, ValueError) as e:  # the message names the file and row
+        raise SystemExit(f"train.py: --data {args.data}: {e}") from None
+    if not problems:
+        raise SystemExit(f"train.py: --data {args.data}: no training problems")
+    return problems
 
 
 def next_problems(task: Task, state: dict, B: int) -> list[dict]:
@@ -389,7 +405,7 @@ def scores_in_chunks(model, prompts, responses, lengths, *, rows, temperature, w
     return logp, ent, work
 
 
-def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None):
+def accumulate_grads(model, D, batches, student_prompts, responses, lengths, teacher_logp, token_adv, *, temperature, clip_low, clip_high, num_tokens, old_logp=None, opt=None):
     """Section 8: the step's forward/backward passes, one per micro-batch of whole rows; the
     gradients accumulate in .grad (the caller clips and steps).
 
@@ -408,6 +424,8 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
     old_logp, _, _ = scores_in_chunks(model, student_prompts, responses, lengths, ..., with_entropy=False),
     and passed here at every update; s (hence u) is then that old_logp, the sampling policy's.
     teacher_logp: (N, T) t_t from section 5 (zeros for the no-teacher ablation), or None.
+    opt: the memory.AdamW (tensor parallel: it takes the replicated parameters' gradients after each
+    backward, see dist.hold_replicated_grads); None elsewhere is the same.
     Returns (the loss summed over micro-batches, s (N, T), u (N, T) or None).
     """
     N, T = responses.shape
@@ -427,7 +445,7 @@ def accumulate_grads(model, D, batches, student_prompts, responses, lengths, tea
         u = None if teacher_logp is None else antisd.pmi_from_logprobs(teacher_logp[idx, :Tm], s, m)  # (n, Tm)
         adv = token_adv(idx, u, m)  # (n, Tm)
         loss = antisd.policy_loss(logp, s, adv, m, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens)
-        dist_lib.backward(loss, model, D)  # = loss.backward() (TP: see dist.backward)
+        dist_lib.backward(loss, model, D, opt)  # = loss.backward() (TP: see dist.backward)
         loss_sum += loss.item()
         s_all[idx, :Tm] = s
         if u is not None:
@@ -512,6 +530,8 @@ def find_resume(args, given: set[str]) -> tuple[argparse.Namespace, str | None, 
         if bad:
             raise SystemExit(f"train.py: --resume: no complete checkpoint in {args.out}: " + "; ".join(why for _, why in bad))
         where = "" if "out" in given else " (the default --out for these flags: pass the run's --out)"
+        if who := runs.holder(args.out):
+            where = f" yet: a live run ({who}) writes there and has not saved one"
         raise SystemExit(f"train.py: --resume: no checkpoint in {args.out}{where}")
     with open(os.path.join(path, "args.json")) as f:
         saved = json.load(f)
@@ -587,6 +607,7 @@ def main(args: argparse.Namespace) -> dict:
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
+    problems = None if args.data == "lab" else load_problems(args)  # before the run dir and the model: a bad file is named in seconds
 
     # --- setup: processes, run directory, model, task, optimizer, gate, RNG ---
     D = dist_lib.setup(tp=args.tp, fsdp=args.fsdp, device=args.device)  # torchrun ranks; one process: nothing to start
@@ -604,8 +625,13 @@ def main(args: argparse.Namespace) -> dict:
     # the lab is fp32 unless told otherwise, also when it resumes from a checkpoint directory (which
     # model.load would otherwise load in bf16 on CUDA, beside an optimizer state saved for fp32)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.model == "tiny" else None)
-    model, tokenizer = dist_lib.load(resume_from or args.init_from or args.model, D, dtype=dtype, seed=args.seed)  # = model.load in one process
-    task = Task(args, tokenizer)
+    name = resume_from or args.init_from or args.model
+    try:
+        model, tokenizer = dist_lib.load(name, D, dtype=dtype, seed=args.seed)  # = model.load in one process
+    except (FileNotFoundError, ValueError) as e:  # not a model directory and not on the hub (or offline): one line
+        flag = "--resume" if resume_from else "--init-from" if args.init_from else "--model"
+        raise SystemExit(f"train.py: {flag}: {e}") from None
+    task = Task(args, tokenizer, problems)
     if task.lab and not (resume_from or args.init_from):
         import lab
 
@@ -622,6 +648,7 @@ def main(args: argparse.Namespace) -> dict:
 
         benches = eval_lib.load_benchmarks(args.eval_bench.split(","), k=args.eval_k, limit=args.eval_limit)
     opt = memory.AdamW(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), states=args.optim_states)
+    dist_lib.hold_replicated_grads(opt, model, D)  # TP: replicated grads reach the fp32 sums after transformers' TP hook (dist.py)
     if args.recipe == "official":  # per-response lambda; run/<model>/sd.sh: target = median - 0.1, no hysteresis
         sd = args.method == "sd"
         gate = gate_lib.PerplexityGate(args.warmup_steps, **({"target_ratio": 0.0, "reactivate_ratio": 0.0} if sd else {}))
@@ -673,8 +700,7 @@ def main(args: argparse.Namespace) -> dict:
         args.micro_batch_tokens = args.micro_batch_tokens or max(1, plan.micro_batch_tokens)
         args.kv_tokens = args.kv_tokens or plan.kv_tokens
     if D.is_main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        runs.write_json(os.path.join(args.out, "args.json"), vars(args))
     # only rank 0 writes metrics and samples; lines are written whole (runs.Log)
     metrics_f = runs.Log(os.path.join(args.out, "metrics.jsonl") if D.is_main else None)
     samples_f = runs.Log(os.path.join(args.out, "samples.jsonl") if D.is_main else None)
@@ -719,7 +745,8 @@ def main(args: argparse.Namespace) -> dict:
             opt.offload()  # AdamW's state to pinned CPU memory: the KV pool gets that memory (memory.plan counts on it)
         with dist_lib.unsharded(model):  # FSDP: all-gather the layers once, not at every decoded token
             roll = sample(model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen, kv_tokens=args.kv_tokens, max_rows=args.sample_rows)  # fmt: skip
+                          eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, generator=gen, kv_tokens=args.kv_tokens, max_rows=args.sample_rows,
+                          attention=args.sampler_attention, decode_graphs=False if args.no_decode_graphs else None)  # fmt: skip
         if offload_optim:
             opt.reload()
         D.check_same(roll.tokens, "the sampled tokens")  # TP: every rank must hold the same rollouts
@@ -802,7 +829,7 @@ def main(args: argparse.Namespace) -> dict:
         batches = [order[b] for b in memory.split_to(batches, D.max(len(batches)))]  # row indices of each micro-batch
         opt.zero_grad(set_to_none=True)
         loss_sum, old_logp, u = accumulate_grads(model, D, batches, student_prompts, responses, lengths, t_logp, token_adv, temperature=args.temperature,
-                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens)  # fmt: skip
+                                                 clip_low=args.clip_low, clip_high=args.clip_high, num_tokens=num_tokens, opt=opt)  # fmt: skip
         loss_sum = D.sum(loss_sum)  # FSDP: the ranks' parts of the one step loss
         dist_lib.sync_replicated_grads(model, D, opt)  # FSDP: sum the grads of the unsharded embedding / head
         grad_norm = dist_lib.clip_grads_(opt.grads(), args.grad_clip)  # the fp32 sums (memory.AdamW), DTensor-aware (TP, FSDP)

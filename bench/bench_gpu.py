@@ -13,7 +13,10 @@ timed runs from their own warm-up):
   sampler  rollout.sample vs model.generate, random:Qwen/Qwen3-4B-Instruct-2507, 64 and 256
            rows (8 samples per prompt, ragged prompts of 64-192 tokens) x 1024 new tokens,
            EOS off for both (every row makes exactly 1024 tokens), T = 1, top-k off, top-p 1.
-           One untimed warm-up, then one timed run of each (GPU time is scarce). Reports
+           Ours runs the engine's CUDA defaults (in-place FlexAttention over the pages, one
+           CUDA graph per batch-size bucket; the JSON records which ran). One untimed
+           warm-up (compiles and captures), one short run for the time guard's estimate,
+           then one timed run of each (GPU time is scarce). Reports
            tokens/s and the fraction of the memory-bandwidth floor ours reaches: the bytes a
            rollout must read (every weight once per decode step + each row's KV cache so far,
            bench_sampler.rollout_bytes_gb) / the card's peak bandwidth, over the measured time
@@ -111,7 +114,7 @@ def ragged_prompts(B: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------
 
 
-def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, deadline: float = float("inf")) -> dict:
+def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, deadline: float = float("inf"), attention: str = "auto") -> dict:
     """ours vs generate at one shape; a timed run whose estimate (from its warm-up) ends past `deadline`
     (time.time()) is skipped and says so."""
     device = next(model.parameters()).device
@@ -120,9 +123,12 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, dea
     ids, mask = model_lib.left_pad(rep, tok.pad_token_id, device)  # (N, P)
     N, P = ids.shape
 
+    stats = {}
+
     def ours(t):
         r = sample(model, prompts, n=n, max_new_tokens=t, eos_token_ids=[], pad_token_id=tok.pad_token_id,
-                   generator=torch.Generator(device=device).manual_seed(0))  # fmt: skip
+                   generator=torch.Generator(device=device).manual_seed(0), attention=attention)  # fmt: skip
+        stats.update({k: r.stats[k] for k in ("attention", "graph_buckets", "decode_calls", "prefill_calls", "preemptions")})
         return int(r.lengths.sum())
 
     def generate(t):
@@ -133,10 +139,12 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, dea
 
     res = {"rows": N, "prompts": len(prompts), "new_tokens": T, "prompt_len_padded": P}
     for name, f in (("ours", ours), ("generate", generate)):
-        w0 = time.perf_counter()
-        f(min(8, T))  # warm-up: kernels, allocator, lazy imports
+        f(min(8, T))  # warm-up: kernels, allocator, lazy imports, ours: FlexAttention's compile, the CUDA-graph captures
         sync(device)
-        est = (time.perf_counter() - w0) * T / min(8, T)  # (an overestimate: the warm-up pays the first-call costs)
+        w0 = time.perf_counter()
+        f(min(8, T))  # a second short run, timed: the estimate without the first-call costs
+        sync(device)
+        est = 1.2 * (time.perf_counter() - w0) * T / min(8, T)
         if time.time() + est > deadline:
             res[name] = {"skipped": f"time guard: ~{est:.0f}s estimated, {deadline - time.time():.0f}s left"}
             continue
@@ -145,7 +153,7 @@ def bench_sampler(model, tok, rows: int, n: int, T: int, prompt_range, peak, dea
         sync(device)
         wall = time.perf_counter() - t0
         assert n_tok == N * T, (name, n_tok, N * T)
-        res[name] = {"wall_s": wall, "tok_per_s": n_tok / wall}
+        res[name] = {"wall_s": wall, "tok_per_s": n_tok / wall, **(stats if name == "ours" else {})}
         if device.type == "cuda":
             res[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
@@ -251,7 +259,7 @@ def _grading_or_stub():
 
 
 def bench_step(model_name: str, method: str, cfg: dict, work: str, steps: int = 2, *, prompts: int | None = None,
-               new_tokens: int | None = None, card_gib: float | None = None, tag: str = "") -> dict:  # fmt: skip
+               new_tokens: int | None = None, card_gib: float | None = None, tag: str = "", attention: str = "auto") -> dict:  # fmt: skip
     """`steps` train.py steps (the last is reported; the first warms up), one correct rollout per group
     (so the teacher prompt holds a full-length peer, as in a learning run), checkpoints off."""
     prompts, new_tokens = prompts or cfg["step_prompts"], new_tokens or cfg["step_new_tokens"]
@@ -259,7 +267,7 @@ def bench_step(model_name: str, method: str, cfg: dict, work: str, steps: int = 
     argv = ["--model", model_name, "--data", os.path.join(work, "problems.jsonl"), "--method", method, "--steps", str(steps),
             "--prompts-per-step", str(prompts), "--group-size", str(cfg["step_group"]),
             "--max-new-tokens", str(new_tokens), "--warmup-steps", "1", "--sample-every", "0",
-            "--save-every", str(10**9), "--eval-every", "0", "--seed", "0", "--out", out]  # fmt: skip
+            "--save-every", str(10**9), "--eval-every", "0", "--seed", "0", "--out", out, "--sampler-attention", attention]  # fmt: skip
     note = _grading_or_stub()
     args = train.get_parser().parse_args(argv)
     real_save = train.save_checkpoint
@@ -351,7 +359,7 @@ def main(a) -> dict:
         commit, dirty = None, None
     import transformers
 
-    out = {"preset": a.preset, "card": card, "device": str(device), "peak_gbps": peak, "torch": torch.__version__, "transformers": transformers.__version__,
+    out = {"preset": a.preset, "sampler_attention": a.sampler_attention, "card": card, "device": str(device), "peak_gbps": peak, "torch": torch.__version__, "transformers": transformers.__version__,
            "commit": commit, "dirty": dirty, "gpu_total_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
            "sections": {}}  # fmt: skip
     S = out["sections"]
@@ -381,6 +389,10 @@ def main(a) -> dict:
             S[name] = fn()
         except torch.cuda.OutOfMemoryError as e:
             S[name] = {"oom": str(e).split("\n")[0]}
+        except Exception as e:  # noqa: BLE001  a failing section must not cost the others their (scarce) GPU time
+            import traceback
+
+            S[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}", "traceback": traceback.format_exc()[-4000:]}
         spent[name] = time.time() - t
         S[name]["section_s"] = spent[name]
         free_memory()
@@ -391,8 +403,19 @@ def main(a) -> dict:
 
     def sampler_section(model_name, rows):
         model, tok = model_lib.load(model_name, device=device)
+        res = {"model": model_name}
         try:
-            return {"model": model_name, **{str(r): bench_sampler(model, tok, r, cfg["n"], cfg["new_tokens"], cfg["prompt"], peak, deadline=T0 + budget) for r in rows}}
+            for r in rows:
+                try:
+                    res[str(r)] = bench_sampler(model, tok, r, cfg["n"], cfg["new_tokens"], cfg["prompt"], peak, deadline=T0 + budget, attention=a.sampler_attention)
+                except Exception as e:  # noqa: BLE001  (not OOM) the engine's CUDA fast path failed: say so, time the reference path
+                    if a.sampler_attention != "auto" or isinstance(e, torch.cuda.OutOfMemoryError):
+                        raise
+                    res["fast_path_error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+                    print(f"[sampler] the engine's default (flex + CUDA graphs) failed, falling back to attention=gather: {res['fast_path_error'][:300]}", flush=True)
+                    a.sampler_attention = "gather"  # also for the step sections
+                    res[str(r)] = bench_sampler(model, tok, r, cfg["n"], cfg["new_tokens"], cfg["prompt"], peak, deadline=T0 + budget, attention="gather")
+            return res
         finally:
             del model
             free_memory()
@@ -412,13 +435,15 @@ def main(a) -> dict:
     # every section has a time guard: its estimate from the sections before it (or a conservative guess)
     run("sampler", 30 if device.type == "cuda" else None, lambda: sampler_section(m_main, cfg["rows"]))
     rows = cfg["step_prompts"] * cfg["step_group"]
-    run("step:antisd", step_estimate(rows, cfg["step_new_tokens"], 2) or (240 if device.type == "cuda" else None), lambda: bench_step(m_main, "antisd", cfg, work))
+    run("step:antisd", step_estimate(rows, cfg["step_new_tokens"], 2) or (240 if device.type == "cuda" else None),
+        lambda: bench_step(m_main, "antisd", cfg, work, attention=a.sampler_attention))
     # the paper's length on an 80 GB card (the H200 is capped to 79.6 GiB: allocator and plan): the plan's
     # budgets must hold there, teacher pass included; a few prompts, one step (8K decode steps dominate)
     long_rows = cfg["long_prompts"] * cfg["step_group"]
     run("step:long", step_estimate(long_rows, cfg["long_new_tokens"], 1) if device.type == "cuda" else None,
-        lambda: bench_step(m_main, "antisd", cfg, work, steps=1, prompts=cfg["long_prompts"], new_tokens=cfg["long_new_tokens"], card_gib=cfg["long_card_gib"], tag="-long"))
-    run("step:grpo", spent.get("step:antisd"), lambda: bench_step(m_main, "grpo", cfg, work))
+        lambda: bench_step(m_main, "antisd", cfg, work, steps=1, prompts=cfg["long_prompts"], new_tokens=cfg["long_new_tokens"], card_gib=cfg["long_card_gib"], tag="-long",
+                           attention=a.sampler_attention))
+    run("step:grpo", spent.get("step:antisd"), lambda: bench_step(m_main, "grpo", cfg, work, attention=a.sampler_attention))
     run("longest", 60 if device.type == "cuda" else None, lambda: bench_longest(m_main, cfg, device))
     if len(cfg["models"]) > 1 and "8b" in want:
         m8 = cfg["models"][1]
@@ -435,7 +460,7 @@ def main(a) -> dict:
         if p8.micro_batch_tokens < 256 + cfg["step_new_tokens"] or p8.sample_rows < cfg["step_group"]:
             S["8b:step"] = {"skipped": f"does not fit: training state {p8.fixed_train / 2**30:.1f} GiB of {mem / 2**30:.1f} GiB", "plan": p8.table()}
         else:
-            run("8b:step", 2.2 * spent.get("step:antisd", 200), lambda: bench_step(m8, "antisd", cfg, work))
+            run("8b:step", 2.2 * spent.get("step:antisd", 200), lambda: bench_step(m8, "antisd", cfg, work, attention=a.sampler_attention))
     save()
     shutil.rmtree(work, ignore_errors=True)
     print(table(out) + (f"\nwrote {path}" if path else ""))
@@ -449,9 +474,11 @@ def table(out: dict) -> str:
         s = S.get(key)
         if not s:
             continue
-        if "skipped" in s or "oom" in s:
-            L.append(f"{key}: {s.get('skipped') or 'OOM ' + s['oom']}")
+        if "skipped" in s or "oom" in s or "error" in s:
+            L.append(f"{key}: {s.get('skipped') or s.get('error') or 'OOM ' + s['oom']}")
             continue
+        if "fast_path_error" in s:
+            L.append(f"{key}: the engine's CUDA default failed, timed with attention=gather: {s['fast_path_error'][:300]}")
         L.append(f"sampler, {s['model']}: rows x new tokens | ours tok/s | generate tok/s | ours/generate | floor fraction (ours)")
         for r, x in s.items():
             if isinstance(x, dict) and "ours" in x:
@@ -465,14 +492,17 @@ def table(out: dict) -> str:
         L.append("step: method | total s | sample s | score s | update s | peak GiB | micro-batch tokens | rows per wave")
         for k, s in steps:
             if "step_time" not in s:
-                L.append(f"  {k}: {s.get('skipped') or 'OOM ' + str(s.get('oom'))}")
+                L.append(f"  {k}: {s.get('skipped') or s.get('error') or 'OOM ' + str(s.get('oom'))}")
                 continue
             pk = f"{s['peak_mem_gb']:.1f}" if s.get("peak_mem_gb") is not None else "-"
             card = f", as a {s['card_gib']} GiB card" if s.get("card_gib") else ""
             L.append(f"  {k} ({s['rollouts']} x {s['new_tokens']}{card}) | {s['step_time']:.1f} | {s['t_sample']:.1f} | {s['t_score']:.1f} | {s['t_update']:.1f} | {pk} | {s['micro_batch_tokens']} | {s['sample_rows']}")
     if "longest" in S:
         s = S["longest"]
-        L.append(f"longest response, {s.get('rows')} rollouts in one wave next to the training state: {s.get('longest')} tokens (plan estimate {s.get('plan_estimate')})")
+        if "error" in s:
+            L.append(f"longest: {s['error']}")
+        else:
+            L.append(f"longest response, {s.get('rows')} rollouts in one wave next to the training state: {s.get('longest')} tokens (plan estimate {s.get('plan_estimate')})")
     return "\n".join(L)
 
 
@@ -484,5 +514,7 @@ if __name__ == "__main__":
     p.add_argument("--budget-s", type=float, default=None, help="time guard in seconds: a section is skipped if it would end after this (default 420; tiny 300)")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth in GB/s for the floor (default: guessed from the card name)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available (tiny preset)")
+    p.add_argument("--sampler-attention", default="auto", choices=["auto", "gather", "mirror", "flex"],
+                   help="the engine's decode attention in every section (auto: flex + CUDA graphs on CUDA; if that fails in the sampler section, the bench records why and uses gather)")
     p.add_argument("--out", default="", help="JSON path (default on CUDA: bench/results/gpu_<card>.json; on CPU: none)")
     main(p.parse_args())

@@ -172,7 +172,10 @@ def main(args):
         assert out.shape == (N, P + new_tokens), out.shape  # no early stop: every row made new_tokens tokens
         return N * new_tokens
 
-    runs = {"ours": lambda t: run_ours(t, page_size=args.page_size), "old": lambda t: run_ours(t, fn=old_sampler.sample), "generate": run_generate}
+    runs = {"ours": lambda t: run_ours(t, page_size=args.page_size, attention=args.attention), "old": lambda t: run_ours(t, fn=old_sampler.sample),
+            "generate": run_generate}  # fmt: skip
+    for a in filter(None, args.also.split(",")):  # more attention paths of the engine, in the same rounds
+        runs[f"ours_{a}"] = lambda t, a=a: run_ours(t, page_size=args.page_size, attention=a)
     for f in runs.values():  # warm-up (allocator, kernels, lazy imports), untimed
         f(min(8, T))
     results = {k: [] for k in runs}
@@ -210,6 +213,11 @@ def main(args):
     old_cpu = min(o["cpu_s"] for o in results["old"]) / min(o["cpu_s"] for o in results["ours"])
     summary.update(ratio_vs_old=old_ratio, cpu_time_ratio_vs_old=old_cpu if device.type == "cpu" else None)
     print(f"vs the old sampler: best rounds ours / old = {old_ratio:.2f}x" + (f", process CPU time old / ours = {old_cpu:.2f}x" if device.type == "cpu" else ""))
+    for k in results:
+        if k.startswith("ours_"):
+            c = min(o["cpu_s"] for o in results["ours"]) / min(o["cpu_s"] for o in results[k])
+            summary[f"{k}_vs_ours"] = best[k] / best["ours"]
+            print(f"{k}: best rounds {best[k]:.1f} tok/s = {best[k] / best['ours']:.2f}x ours" + (f", process CPU time ours / {k} = {c:.2f}x" if device.type == "cpu" else ""))
 
     peak = args.peak_gbps
     if peak is None and device.type == "cuda":
@@ -239,6 +247,8 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, each runs ours then generate")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core box, 2 threads swing run times 20x)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size of the engine, tokens")
+    p.add_argument("--attention", default="auto", choices=["auto", "gather", "mirror", "flex", "flex_eager"], help="the engine's decode attention (rollout.sample's attention=)")
+    p.add_argument("--also", default="", help="comma-separated more attention paths of the engine to time in the same rounds, e.g. flex (reported as ours_<path>)")
     p.add_argument("--schedule", action="store_true", help="only the scheduling report (no model, CPU, seconds); see the docstring")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth peak in GB/s for the floor estimate (default: guessed for H100/H200/A100, none on CPU)")

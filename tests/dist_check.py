@@ -47,7 +47,7 @@ def batch(n=6, seed=1):
     return prompts, resp, lengths, adv
 
 
-def loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, chunk, D=dist_lib.Dist()):
+def loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, chunk, D=dist_lib.Dist(), opt=None):
     total = 0.0
     for rows in batches:
         idx = torch.tensor(rows) if isinstance(rows, list) else rows  # memory.micro_batches' index lists (or a slice)
@@ -55,7 +55,7 @@ def loss_and_backward(m, prompts, resp, lengths, adv, num_tokens, batches, chunk
         logp, _ = model_lib.response_logprobs(m, [prompts[i] for i in rows] if isinstance(rows, list) else prompts[idx], resp[idx, :Tm], lengths[idx], chunk_size=chunk)
         mask = antisd.mask_from_lengths(lengths[idx], Tm)
         loss = antisd.policy_loss(logp, logp.detach(), adv[idx, :Tm], mask, num_tokens=num_tokens)
-        dist_lib.backward(loss, m, D)
+        dist_lib.backward(loss, m, D, opt)
         total += loss.item()
     return total
 
@@ -125,12 +125,51 @@ def check(mode, D, out_dir):
                 same_tokens=same_tokens, optim_roundtrip_diff=optim_diff, ckpt_diff=ckpt_diff)  # fmt: skip
 
 
+def check_bf16(mode, D, out_dir):
+    """TP / FSDP with bf16 weights, as on a GPU: memory.AdamW's fp32 gradient sums (its post-accumulate
+    hooks registered before the first forward, as train.py does) over several micro-batches, against
+    one process on the whole batch. TP: the q_norm / k_norm gradients are partial per rank and summed by
+    transformers' TP hook; the optimizer must take them only after that sum (dist.hold_replicated_grads):
+    taking them first gave half-sized (5.17: the hook then sees no grad) or crashing (5.24) sums.
+    FSDP: each rank its own rows; FSDP2 runs the hooks on the sharded grads after its reduce-scatter, the
+    whole embedding / head / final norm are summed by sync_replicated_grads from the fp32 sums."""
+    D.mode = mode
+    prompts, resp, lengths, adv = batch()
+    N = len(prompts)
+    num_tokens = int(lengths.sum())
+    ref, tok = model_lib.load("tiny", seed=0, dtype=torch.bfloat16)
+    ref.train()
+    ref_opt = memory.AdamW(ref.named_parameters(), lr=1e-2)
+    loss_and_backward(ref, prompts, resp, lengths, adv, num_tokens, memory.micro_batches([len(p) for p in prompts], lengths.tolist(), max_rows=2), 1024)
+    ref_g = {n: ref_opt.grad(n).clone() for n in ref_opt.params}
+    m, _ = model_lib.load("tiny", seed=0, dtype=torch.bfloat16)
+    m = dist_lib.parallelize(m, tok, D, scratch=os.path.join(out_dir, f"scratch-bf16-{mode}"))
+    m.train()
+    opt = memory.AdamW(m.named_parameters(), lr=1e-2)
+    dist_lib.hold_replicated_grads(opt, m, D)
+    rows = list(range(N)) if mode == "tp" else ([0, 1] if D.rank == 0 else [2, 3, 4, 5])
+    p_loc, r_loc, l_loc, a_loc = [prompts[i] for i in rows], resp[rows], lengths[rows], adv[rows]
+    batches = memory.split_to(memory.micro_batches([len(p) for p in p_loc], l_loc.tolist(), max_rows=2), D.max(2))
+    loss_and_backward(m, p_loc, r_loc, l_loc, a_loc, num_tokens, batches, 1024, D, opt=opt)
+    dist_lib.sync_replicated_grads(m, D, opt)
+    rel = {}
+    for n in ref_g:  # the same order on every rank (full() of a sharded grad is a collective)
+        g = full(opt.grad(n)).float()
+        rel[n] = float((g - ref_g[n]).norm() / ref_g[n].norm().clamp_min(1e-12))
+    worst = max(rel, key=rel.get)
+    qk = [v for k, v in rel.items() if "q_norm" in k or "k_norm" in k]
+    return dict(max_rel_grad_err=rel[worst], worst_param=worst, qk_norm_rel_err=max(qk),
+                grads_fp32=all(full(opt.grad(n)).dtype == torch.float32 for n in opt.params))
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     D = dist_lib.setup(fsdp=True)  # the process group; check() switches the mode
     res = {mode: check(mode, D, os.path.dirname(os.path.abspath(out))) for mode in ("tp", "fsdp")}
     res["same_tokens_all_ranks"] = D.gather_object({k: v["same_tokens"] for k, v in res.items()})
     res["from_main_all_ranks"] = D.gather_object({k: v["from_main"] for k, v in res.items() if isinstance(v, dict) and "from_main" in v})
+    for mode in ("tp", "fsdp"):
+        res[f"{mode}_bf16"] = check_bf16(mode, D, os.path.dirname(os.path.abspath(out)))
     from transformers.utils import is_accelerate_available
 
     res["accelerate_available"] = is_accelerate_available()  # test_dist.py hides it: TP must not need it

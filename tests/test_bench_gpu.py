@@ -19,6 +19,7 @@ def test_bench_gpu_tiny_preset_runs_every_section_and_writes_json(tmp_path):
     for rows in ("8", "16"):
         r = S["sampler"][rows]
         assert r["ours"]["tok_per_s"] > 0 and r["generate"]["tok_per_s"] > 0 and r["speedup"] > 0
+        assert r["ours"]["attention"] == "mirror" and r["ours"]["graph_buckets"] == []  # the engine's CPU defaults (CUDA: flex + graphs)
     for k in ("step:antisd", "step:grpo"):
         s = S[k]
         assert s["step"] == 2 and s["rollouts"] == 16 and s["step_time"] > 0

@@ -4,7 +4,7 @@ checks the outcome: the message names the file / row / flag, the exit is non-zer
 already written is lost.
 
     signals    SIGTERM mid-step then --resume == an uninterrupted run; Ctrl-C and OUT/STOP exit
-               non-zero (130 / 75) with a checkpoint
+               non-zero (130 / 75) with a checkpoint; an obeyed STOP whose save fails is removed
     run dirs   a fresh run into a used --out refused (--overwrite replaces it, foreign files stay);
                two live runs in one --out refused (the lock); resume keeps the run's flags, refuses
                changed ones, drops the log lines after its checkpoint, says when it is past --steps
@@ -13,7 +13,9 @@ already written is lost.
     disk full  a patched writer (always) and a real 16 MB tmpfs (when this machine lets us mount
                one): "no space left", no temp dir, whole log lines, the previous checkpoint intact
     inputs     bad flags of train.py / eval.py / inspect_pmi.py, empty / blank / non-UTF-8 data files,
-               a float answer, an over-long prompt, eval.py --out checked before the work, a read-only
+               a float answer, an over-long prompt, eval.py --out checked before the work (and a
+               write that fails after it named), inspect_pmi's --problem / --html before the model,
+               train.py's --data before the model, an unreachable hub id in one line, a read-only
                cache directory
     terminal   the last step saved once, the gate column at the last warmup step, GRPO's header,
                no transformers bars in the step table, --help without torch, eval.py's table on its
@@ -133,6 +135,37 @@ def test_ctrl_c_and_the_stop_file_exit_non_zero_with_a_checkpoint(_lab_dir, tmp_
     assert [r["step"] for r in steps_of(out)] == list(range(1, k + 2))
 
 
+def test_a_stop_whose_save_fails_does_not_stop_the_resume(tmp_path, monkeypatch):
+    """OUT/STOP obeyed, then the disk is full at the save: the run ends with the disk-full message
+    and the STOP file is gone (runs.scoped closes the Stop however main ends), so the resume
+    once there is room runs to --steps instead of stopping after its first step."""
+    out = tmp_path / "run"
+    import antisd
+
+    real_adv, real_save, calls = antisd.group_advantages, train.dist_lib.save_model, []
+
+    def stop_in_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            (out / "STOP").write_text("")
+        return real_adv(*a, **k)
+
+    def save_model(model, tok, path, D):
+        if path.endswith("checkpoint-2"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(model, tok, path, D)
+
+    monkeypatch.setattr(antisd, "group_advantages", stop_in_step_2)
+    monkeypatch.setattr(train.dist_lib, "save_model", save_model)
+    with pytest.raises(SystemExit) as e:
+        run(out, "--steps", "3", "--save-every", "1")
+    assert "no space left on device writing checkpoint-2" in str(e.value) or "could not write checkpoint-2" in str(e.value)
+    assert not (out / "STOP").exists() and (out / "checkpoint-1").is_dir()
+    monkeypatch.undo()
+    summary = run(out, "--resume")
+    assert "stopped" not in summary and [r["step"] for r in steps_of(out)] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------------
 # Run directories.
 # ---------------------------------------------------------------------------------------
@@ -164,6 +197,9 @@ def test_two_live_runs_in_one_directory(tmp_path):
         with pytest.raises(SystemExit) as e:
             run(out, "--steps", "1")
         assert "in use by a live run" in str(e.value) and f"pid {holder.pid}" in str(e.value)
+        with pytest.raises(SystemExit) as e:  # a resume before the live run's first save says why there is none
+            run(out, "--resume", "--steps", "1")
+        assert "no checkpoint in" in str(e.value) and f"a live run (pid {holder.pid}" in str(e.value)
         assert not (out / "metrics.jsonl").exists()
     finally:
         holder.kill()
@@ -377,6 +413,38 @@ def test_train_bad_flags_name_the_flag(tmp_path, argv, flag):
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
+def test_data_and_model_errors_come_before_the_model_load_and_the_run_dir(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?"}\n')
+    monkeypatch.setattr(train.dist_lib, "load", lambda *a, **k: pytest.fail("the model was loaded before the data was checked"))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run", "--model", "org/some-model", "--data", str(bad), "--steps", "1")
+    assert str(bad) in str(e.value) and "line 1" in str(e.value) and str(e.value).startswith("train.py: --data")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    os.makedirs("runs", exist_ok=True)  # "runs/x" is a local path when ./runs exists, never a hub id
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "run2", "--model", "runs/antisd-tiny-s0", "--steps", "1")
+    assert "train.py: --model" in str(e.value) and "'runs/antisd-tiny-s0' does not exist" in str(e.value)
+
+
+def test_a_hub_model_that_cannot_be_reached_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "no-such-org/no-such-model-16", "--steps", "1",
+                        "--data", os.path.join(ROOT, "tests", "fixtures", "tiny_eval.jsonl"), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().startswith("train.py: --model: load: 'no-such-org/no-such-model-16'") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_args_json_that_cannot_be_written(tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(out / f"args.json.tmp-{os.getpid()}")  # the temp file's name taken: the write fails as on a full disk
+    with pytest.raises(SystemExit) as e:
+        run(out, "--steps", "1")
+    assert "could not write args.json" in str(e.value) and not (out / "args.json").exists()
+
+
 def test_an_empty_model_directory_is_named(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(SystemExit) as e:
@@ -440,7 +508,8 @@ def test_float_answers_and_over_long_prompts(tmp_path, hf_tiny, capsys):
 @pytest.mark.parametrize(
     "argv,flag",
     [(["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit"), (["--k", "0"], "--k"), (["--top-p", "0"], "--top-p"),
-     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--model", "runs/missing/checkpoint-100"], "does not exist")],
+     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--model", "runs/missing/checkpoint-100"], "does not exist"),
+     (["--threads", "0"], "--threads")],
 )  # fmt: skip
 def test_eval_bad_flags_name_the_flag(argv, flag):
     import eval as ev
@@ -448,6 +517,18 @@ def test_eval_bad_flags_name_the_flag(argv, flag):
     with pytest.raises(SystemExit) as e:
         ev.main(ev.get_parser().parse_args(["--model", "tiny", "--bench", "lab", *argv]))
     assert flag in str(e.value) and str(e.value).startswith("eval.py:")
+
+
+def test_eval_names_a_missing_model_before_the_data_and_check_golds_a_bad_file(tmp_path):
+    import eval as ev
+
+    with pytest.raises(SystemExit) as e:  # the model's path first: the benchmarks may be a hub download
+        ev.main(ev.get_parser().parse_args(["--model", str(tmp_path / "ckpt"), "--bench", str(tmp_path / "nope.jsonl")]))
+    assert str(e.value).startswith("eval.py: --model") and "does not exist" in str(e.value)
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(SystemExit) as e:  # a bad file (or an unreachable hub): one line, no traceback
+        ev.main(ev.get_parser().parse_args(["--check-golds", str(tmp_path / "blank.jsonl")]))
+    assert str(e.value).startswith(f"eval.py: --check-golds {tmp_path / 'blank.jsonl'}") and "no rows" in str(e.value)
 
 
 def test_eval_out_is_checked_before_the_work(tmp_path, monkeypatch):
@@ -461,12 +542,34 @@ def test_eval_out_is_checked_before_the_work(tmp_path, monkeypatch):
         assert msg in str(e.value) and str(out) in str(e.value)
 
 
+def test_eval_out_that_fails_after_the_work_is_named_and_keeps_the_old_files(tmp_path, capsys):
+    import eval as ev
+
+    out = tmp_path / "ev"
+    os.makedirs(out / f"summary.json.tmp-{os.getpid()}")  # summary.json cannot be written (as on a full disk)
+    (out / "summary.json").write_text("old")
+    with pytest.raises(SystemExit) as e:
+        ev.main(ev.get_parser().parse_args(["--model", "tiny", "--bench", "lab", "--limit", "2", "--k", "1", "--max-new-tokens", "8",
+                                            "--grade-workers", "0", "--quiet", "--out", str(out)]))  # fmt: skip
+    assert str(e.value).startswith(f"eval.py: could not write {out / 'summary.json'}")
+    assert (out / "summary.json").read_text() == "old" and "Avg" in capsys.readouterr().out  # the table was printed
+    assert len(open(out / "samples.jsonl").readlines()) == 2  # the samples were written whole
+
+
 def test_inspect_pmi_problem_out_of_range():
     import inspect_pmi
 
-    with pytest.raises(SystemExit) as e:
-        inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--problem", "999", "--warm-steps", "0", "--no-color"]))
-    assert "--problem 999" in str(e.value) and "0 to 199" in str(e.value)
+    real = inspect_pmi.load_model
+    inspect_pmi.load_model = lambda *a, **k: pytest.fail("the model was loaded (and warm-started) before --problem was checked")
+    try:
+        with pytest.raises(SystemExit) as e:
+            inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--problem", "999", "--no-color"]))
+        assert "--problem 999" in str(e.value) and "0 to 199" in str(e.value)
+        with pytest.raises(SystemExit) as e:  # the heatmap's path is tried before the work too
+            inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--html", ROOT, "--no-color"]))
+        assert f"--html {ROOT} is a directory" in str(e.value)
+    finally:
+        inspect_pmi.load_model = real
     with pytest.raises(SystemExit) as e:  # README's example before `python train.py` ran: one line, no hub traceback
         inspect_pmi.main(inspect_pmi.get_parser().parse_args(["--model", "runs/antisd-tiny-s0/checkpoint-60"]))
     assert "runs/antisd-tiny-s0/checkpoint-60' does not exist" in str(e.value)
@@ -496,13 +599,17 @@ def test_terminal_gate_column_grpo_header_and_no_transformers_bars(tmp_path, cap
     assert "method grpo no token term" in head and "tau" not in head
 
 
-def test_help_needs_no_torch_and_choices_match():
-    code = ("import runpy, sys; sys.argv = ['train.py', '--help']\n"
-            "try: runpy.run_path('train.py', run_name='__main__')\n"
+@pytest.mark.parametrize("script,flag", [("train.py", "--resume"), ("eval.py", "--bench"), ("inspect_pmi.py", "--problem")])
+def test_help_needs_no_torch(script, flag):
+    code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+            f"try: runpy.run_path({script!r}, run_name='__main__')\n"
             "except SystemExit: pass\n"
             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout
-    assert "--resume" in out and out.strip().endswith("NO TORCH")
+    assert flag in out and out.strip().endswith("NO TORCH"), out[-300:]
+
+
+def test_parser_choices_match_the_modules():
     import antisd
     import memory
 

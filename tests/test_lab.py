@@ -147,3 +147,27 @@ def test_step_logs_sparsity_and_the_token_term_next_to_a_seq(tmp_path, monkeypat
             assert 0.0 <= r["frac_all_wrong"] <= r["frac_zero_var"] <= 1.0
             assert r["seq_adv_abs_mean"] >= 0.0 and (r["frac_zero_var"] < 1.0 or r["seq_adv_abs_mean"] == 0.0)
             assert (r["tok_term_abs_mean"] == 0.0) == (method == "grpo"), (method, r["tok_term_abs_mean"])
+
+
+def test_warm_start_cache_on_a_full_disk_goes_on_uncached(tmp_path, monkeypatch, capsys):
+    """Issue 16: the disk fills while the warm start writes its cache: the trained model is kept,
+    the message says no space left, no temp dir stays behind, and nothing claims it was cached."""
+    import errno
+
+    import model as model_lib
+
+    train, _ = lab.datasets(n_train=50, n_eval=5)
+    real_save = model_lib.save
+
+    def full_disk(model, tok, path):
+        real_save(model, tok, path)  # a partial write, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_lib, "save", full_disk)
+    m, tok = model_lib.load("tiny", device="cpu", seed=0)
+    before = float(sum(p.detach().sum() for p in m.parameters()))
+    warmed = lab.warm_start(m, tok, train, cache_dir=str(tmp_path), **lab.warm_overrides(0.0, 3))
+    out = capsys.readouterr().out
+    assert "no space left" in out and "cached at" not in out
+    assert float(sum(p.detach().sum() for p in warmed.parameters())) != before  # trained, returned
+    assert os.listdir(tmp_path) == []  # no temp dir, no half cache entry

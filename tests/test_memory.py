@@ -271,3 +271,18 @@ def test_sample_rows_and_kv_flags_budget_the_engine_in_train(tmp_path, monkeypat
     assert len(recs) == 1 and recs[0]["resp_len_mean"] > 0
     with pytest.raises(SystemExit, match="--sample-rows"):
         train.main(train.get_parser().parse_args([*FAST, "--sample-rows", "2", "--out", str(tmp_path / "bad")]))
+
+
+def test_adamw_held_grads_wait_for_take():
+    """hold(): the post-accumulate hook leaves a held bf16 parameter's .grad alone (tensor parallel:
+    transformers' own hook must sum it over the ranks first); take() then adds it to the fp32 sum."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    v = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    o = memory.AdamW([("w", w), ("v", v)], lr=1e-3)
+    o.hold(["w"])
+    (2 * w.float().sum() + v.float().sum()).backward()
+    assert v.grad is None and torch.equal(o.grad("v"), torch.ones(4))  # taken by the hook, as always
+    assert w.grad is not None  # left for the caller
+    w.grad.mul_(3)  # e.g. the TP hook's sum over ranks
+    o.take("w")
+    assert w.grad is None and o.grad("w").dtype == torch.float32 and torch.equal(o.grad("w"), torch.full((4,), 6.0))

@@ -116,33 +116,48 @@ def _same(r, ref, atol=1e-5):
 EOS_MIX = list(range(0, 30))  # ~5% of the vocabulary: rows finish at scattered steps
 
 
+@pytest.mark.parametrize("attention", ["gather", "mirror"])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 @pytest.mark.parametrize("n", [1, 8])
-def test_engine_equals_twin_over_page_sizes(tiny, page_size, n):
+def test_engine_equals_twin_over_page_sizes(tiny, page_size, n, attention):
     model, tok = tiny
     kw = dict(n=n, max_new_tokens=20, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
     ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
-    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(5), page_size=page_size, **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(5), page_size=page_size, attention=attention, **kw)
+    assert r.stats["attention"] == attention
     _same(r, ref)
     assert r.finished.any() and not r.finished.all(), "test setup: want an EOS mix"
     assert n == 1 or r.lengths.unique().numel() > 3, "test setup: want ragged finishing"
     assert r.stats["preemptions"] == 0 and r.stats["prefill_calls"] == 1  # everything fits: one packed prefill
 
 
+@pytest.mark.parametrize("attention", ["gather", "mirror"])
 @pytest.mark.parametrize("page_size,kv_tokens,max_rows", [(16, 10**6, None), (4, 64, None), (1, 40, None), (16, 48, 3), (4, 40, 8)])
-def test_engine_equals_twin_over_budgets(tiny, page_size, kv_tokens, max_rows):
+def test_engine_equals_twin_over_budgets(tiny, page_size, kv_tokens, max_rows, attention):
     """From "everything fits" down to budgets that force preemption (re-prefill from prompt +
     tokens so far) and row caps that force continuous batching."""
     model, tok = tiny
     n = 3 if max_rows == 3 else 8
     kw = dict(n=n, max_new_tokens=24, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
     ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(2), **kw)
-    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(2), page_size=page_size, kv_tokens=kv_tokens, max_rows=max_rows, **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(2), page_size=page_size, kv_tokens=kv_tokens, max_rows=max_rows, attention=attention, **kw)
     _same(r, ref)
     if kv_tokens < 100:
         assert r.stats["preemptions"] > 0, "test setup: this budget should preempt"
     if max_rows is not None:
         assert r.stats["max_live_rows"] <= max_rows and r.stats["prefill_calls"] > 1
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_prefill_in_packs_equals_twin(tiny, n):
+    """A step's admitted prompts split into packed forwards of <= prefill_pack tokens (lengths
+    5, 1, 9, 3 at 6: packs [5, 1], [9] alone, [3]) give the twin's tokens."""
+    model, tok = tiny
+    kw = dict(n=n, max_new_tokens=12, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
+    ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(8), **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(8), page_size=4, prefill_pack=6, **kw)
+    _same(r, ref)
+    assert r.stats["prefill_calls"] == 1 and r.stats["prefill_forwards"] == 3  # one admission step, three forwards
 
 
 @pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 1.0), (0, 0.8, 0.7), (8, 0.9, 1.3)])
@@ -160,6 +175,109 @@ def test_engine_equals_twin_greedy_with_preemption(sharp):
     r = sample(model, PROMPTS, page_size=2, kv_tokens=30, **kw)
     assert r.stats["preemptions"] > 0
     _same(r, reference_sample(model, PROMPTS, **kw))
+
+
+# ----------------------------------------------------------------------------------------
+# the in-place path (FlexAttention reading the pages through the page table) == the reference
+# ----------------------------------------------------------------------------------------
+
+
+def _paged_fixture(A, W, ps, NP, H=2, Hq=4, D=8, seed=0):
+    """Random pools and ragged rows: row a holds W distinct random pages (a shuffled pool, the
+    scratch page never among them) and its new token sits at a random position < W * ps."""
+    g = torch.Generator().manual_seed(seed)
+    slots = (NP + 1) * ps
+    k, v = torch.randn(slots, H, D, generator=g), torch.randn(slots, H, D, generator=g)  # (slots, H, D)
+    table = torch.stack([torch.randperm(NP, generator=g)[:W] for _ in range(A)])  # (A, W)
+    pos = torch.randint(0, W * ps, (A,), generator=g)  # (A,)
+    q = torch.randn(A, Hq, 1, D, generator=g)  # (A, Hq, 1, D)
+    return q, k, v, table, pos
+
+
+def _dense_reference(q, k, v, table, pos, ps, scale):
+    """Each row's context gathered slot by slot in position order, GQA by repeating KV heads,
+    softmax over positions 0..pos: the obviously correct attention. -> (A, Hq, 1, D)"""
+    A, Hq = q.shape[:2]
+    H = k.shape[1]
+    out = []
+    for a in range(A):
+        slots = torch.tensor([int(table[a, p // ps]) * ps + p % ps for p in range(int(pos[a]) + 1)])
+        ka = k[slots].transpose(0, 1).repeat_interleave(Hq // H, 0)  # (Hq, L, D)
+        va = v[slots].transpose(0, 1).repeat_interleave(Hq // H, 0)
+        att = ((q[a] @ ka.transpose(1, 2)) * scale).softmax(-1)  # (Hq, 1, L)
+        out.append(att @ va)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("ps,NP,W", [(1, 40, 12), (4, 20, 5), (16, 6, 3)])
+def test_decode_block_mask_and_flex_eager_vs_dense(ps, NP, W):
+    """paged.decode_block_mask: its mask_mod over the whole pool marks exactly each row's
+    positions 0..pos; its block lists name exactly the row's pages (full ones before the last);
+    and FlexAttention through it (eager) equals the gathered dense attention, with GQA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from paged import decode_block_mask
+
+    q, k, v, table, pos = _paged_fixture(A=5, W=W, ps=ps, NP=NP)
+    bm = decode_block_mask(table, pos, ps, NP)
+    slots = (NP + 1) * ps
+    kv = torch.arange(slots)
+    for a in range(5):
+        want = torch.zeros(slots, dtype=torch.bool)
+        for p in range(int(pos[a]) + 1):
+            want[int(table[a, p // ps]) * ps + p % ps] = True
+        got = bm.mask_mod(torch.tensor(a), torch.tensor(0), torch.tensor(0), kv)
+        assert torch.equal(got, want), a
+        n = int(pos[a]) // ps + 1
+        assert bm.full_kv_num_blocks[a, 0, 0] == n - 1 and torch.equal(bm.full_kv_indices[a, 0, 0, : n - 1].long(), table[a, : n - 1])
+        assert bm.kv_num_blocks[a, 0, 0] == 1 and bm.kv_indices[a, 0, 0, 0] == table[a, n - 1]
+    scale = 0.37
+    out = flex_attention(q, k.view(1, slots, 2, -1).transpose(1, 2), v.view(1, slots, 2, -1).transpose(1, 2), block_mask=bm, scale=scale, enable_gqa=True)
+    torch.testing.assert_close(out, _dense_reference(q, k, v, table, pos, ps, scale), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("n", [1, 8])
+def test_inplace_equals_twin_over_page_sizes(tiny, page_size, n):
+    """attention="flex_eager" (the in-place path, FlexAttention uncompiled) samples the twin's
+    tokens and log-probs (fp32); with n = 8 also through the static-shape buckets."""
+    model, tok = tiny
+    kw = dict(n=n, max_new_tokens=20, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
+    ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(5), **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(5), page_size=page_size, attention="flex_eager", decode_graphs=n == 8, **kw)
+    _same(r, ref)
+    assert r.stats["attention"] == "flex_eager" and r.finished.any() and not r.finished.all()
+    assert model.config._attn_implementation == "sdpa", "the model's attention must be restored"
+
+
+@pytest.mark.parametrize("page_size,kv_tokens,max_rows,graphs", [(1, 40, None, True), (4, 40, 8, False)])
+def test_inplace_equals_twin_over_budgets(tiny, page_size, kv_tokens, max_rows, graphs):
+    """The in-place path under preemption and row caps (continuous batching), with and
+    without the padded static-shape step: the twin's tokens exactly."""
+    model, tok = tiny
+    kw = dict(n=8, max_new_tokens=24, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
+    ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(2), **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(2), page_size=page_size, kv_tokens=kv_tokens, max_rows=max_rows,
+               attention="flex_eager", decode_graphs=graphs, **kw)  # fmt: skip
+    _same(r, ref)
+    assert r.stats["preemptions"] > 0
+
+
+def test_inplace_greedy_matches_generate(sharp):
+    model, tok = sharp
+    r = sample(model, PROMPTS, n=3, max_new_tokens=10, temperature=0, eos_token_ids=[], pad_token_id=tok.pad_token_id, page_size=4,
+               attention="flex_eager", decode_graphs=True)  # fmt: skip
+    assert torch.equal(r.tokens, _generate(model, tok, PROMPTS, 3, 10))
+
+
+def test_inplace_bad_flags(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=4, eos_token_ids=[], pad_token_id=tok.pad_token_id)
+    with pytest.raises(ValueError, match="attention="):
+        sample(model, PROMPTS, attention="paged", **kw)
+    for a in ("gather", "mirror"):
+        with pytest.raises(ValueError, match="decode_graphs"):
+            sample(model, PROMPTS, attention=a, decode_graphs=True, **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -476,3 +594,18 @@ def test_compiled_decode_step_equals_eager(tiny):
     comp = sample(model, PROMPTS, generator=torch.Generator().manual_seed(4), compile="aot_eager", **kw)
     assert torch.equal(comp.tokens, eager.tokens) and torch.equal(comp.lengths, eager.lengths)
     torch.testing.assert_close(comp.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not os.environ.get("ANTISD_SLOW_TESTS"), reason="compiling FlexAttention's C++ kernel takes ~35 s of CPU here; ANTISD_SLOW_TESTS=1 runs it")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_compiled_inplace_equals_twin(tiny, graphs):
+    """attention="flex": the compiled, block-sparse FlexAttention kernel (what CUDA runs; on CPU
+    inductor's C++ template) reads only the listed pages and gives the twin's tokens, with
+    preemption, scattered EOS (the live rows change: a recompile with that dim dynamic) and,
+    with graphs, the padded static-shape buckets."""
+    model, tok = tiny
+    kw = dict(n=4, max_new_tokens=24, temperature=1.0, eos_token_ids=EOS_MIX, pad_token_id=tok.pad_token_id)
+    ref = reference_sample(model, PROMPTS, generator=torch.Generator().manual_seed(3), **kw)
+    r = sample(model, PROMPTS, generator=torch.Generator().manual_seed(3), page_size=4, kv_tokens=56, attention="flex", decode_graphs=graphs, **kw)
+    _same(r, ref)
+    assert r.stats["preemptions"] > 0 and r.stats["attention"] == "flex"
