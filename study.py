@@ -54,7 +54,8 @@ variance among the warm-started policy's rollouts, before any update (a level's 
 mean over its runs; every method samples the same step-1 rollouts for a seed). Sweep plots
 (OUT/plots/): held-out accuracy per method per level (`accuracy_per_level`), speedup vs
 frac_zero_var0 with the median over seeds and per-seed points (`speedup_vs_sparsity`), and
-the mean |token term| (|A_{i,t} - A_seq|) next to the mean |A_seq| per step (`token_term`).
+the mean |token term| (|A_{i,t} - A_seq|) next to the mean |A_seq| per step (`token_term`),
+and every seed's held-out accuracy, one panel per method and level (`accuracy_per_seed`).
 
 Parallel runs share the warm-start cache .cache/lab (in the working directory): the study
 builds it once in this process before starting them, so they never race to write it.
@@ -110,17 +111,29 @@ def train_argv(args, method: str, seed: int) -> list[str]:
 
 
 def run_state(args, method: str, seed: int) -> str:
-    """'done' (checkpoint at the final step), 'partial' (a resumable checkpoint), 'broken' (files
-    but no checkpoint: restarted from scratch, metrics.jsonl would otherwise be appended to) or 'new'."""
+    """'done' (a checkpoint at the final step, or, for a run whose checkpoints were not kept, as
+    in results/ in git, a metrics.jsonl with the final step and its eval), 'partial' (a
+    resumable checkpoint), 'broken' (files but neither: restarted from scratch, after the old
+    directory is moved aside) or 'new'."""
     import train
 
     targs = train.resolve_args(train.get_parser().parse_args(train_argv(args, method, seed)))
     d = run_dir(args.out, method, seed)
-    if os.path.isfile(os.path.join(d, f"checkpoint-{targs.steps}", "trainer_state.pt")):
+    if os.path.isfile(os.path.join(d, f"checkpoint-{targs.steps}", "trainer_state.pt")) or finished_metrics(d, targs.steps):
         return "done"
     if train.latest_checkpoint(d):
         return "partial"
     return "broken" if os.path.isdir(d) and os.listdir(d) else "new"
+
+
+def finished_metrics(d: str, steps: int) -> bool:
+    """Whether d/metrics.jsonl records the final step and the eval after it (train.py writes the
+    final eval last; the lab always evaluates at the end)."""
+    try:
+        run = read_run(d)
+    except (OSError, ValueError):  # no file, or a line cut by a kill
+        return False
+    return steps in run["steps"] and steps in run["evals"]
 
 
 def record_wall(d: str, seconds: float, threads: int) -> None:
@@ -172,8 +185,8 @@ def prewarm(argv: list[str], threads: int) -> None:
     lab.warm_start(model, tok, task.train, cache_dir=os.path.join(".cache", "lab"), **lab.warm_overrides(targs.lab_level, targs.warm_steps))
 
 
-def run_all(args) -> None:
-    """Every (method, seed) run that is not done, args.jobs at a time."""
+def run_all(args) -> int:
+    """Every (method, seed) run that is not done, args.jobs at a time; returns how many ran."""
     todo = []
     # seed-major (every method of seed 0, then of seed 1, ...): a study cut short still holds
     # whole seeds, each with its GRPO run, so its speedups are defined
@@ -186,13 +199,18 @@ def run_all(args) -> None:
                 continue
             if state != "new" and not (args.skip_existing or args.overwrite):
                 raise SystemExit(f"study.py: {d} exists; --skip-existing resumes/skips runs, --overwrite deletes them")
-            if args.overwrite or state == "broken":
-                shutil.rmtree(d, ignore_errors=True)
+            if args.overwrite:
+                shutil.rmtree(d, ignore_errors=True)  # asked for
+                state = "new"
+            elif state == "broken":  # nothing is lost: the unfinished files are kept beside the new run
+                aside = f"{d}.broken-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(d, aside)
+                print(f"{method} s{seed}: unfinished and no checkpoint: moved to {aside}, rerun from scratch")
                 state = "new"
             argv = train_argv(args, method, seed) + (["--resume"] if state == "partial" else [])
             todo.append((method, seed, argv))
     if not todo:
-        return
+        return 0
     if args.jobs > 1 and any("--resume" not in a for _, _, a in todo):
         print("building the warm-start cache before the parallel runs")
         prewarm(todo[0][2], args.threads)
@@ -228,6 +246,7 @@ def run_all(args) -> None:
                 print(f"[{i}/{len(todo)}] {method} s{seed}: {'done' if ok else f'FAILED (exit {rc})'} in {dt:.0f} s (log {run_dir(args.out, method, seed)}/train.log)", flush=True)
     if failed:
         raise SystemExit(f"study.py: failed runs: {', '.join(failed)} (see their train.log; --skip-existing resumes)")
+    return len(todo)
 
 
 def parse_levels(spec: str) -> list[tuple[float, int | None]]:
@@ -298,7 +317,7 @@ def _median(xs):
 
 def summarize(out: str, meta: dict | None = None) -> dict:
     """summary.json's content from the runs on disk (see the module docstring)."""
-    runs, grpo = [], {}
+    runs, grpo, machines = [], {}, []
     found = find_runs(out)
     for method, seed in found:  # GRPO first (METHODS order), so its histories exist for the others
         d = run_dir(out, method, seed)
@@ -314,7 +333,9 @@ def summarize(out: str, meta: dict | None = None) -> dict:
             s = eval_lib.speedup(grpo[seed], hist)
             rec.update(speedup=s["ratio"], reach_step=s["method_reach_step"], grpo_best_step=s["baseline_best_step"])
         wall = os.path.join(d, "study.json")
-        rec["wall_s"] = round(json.load(open(wall))["wall_s"], 1) if os.path.isfile(wall) else None
+        info = json.load(open(wall)) if os.path.isfile(wall) else {}
+        rec["wall_s"] = round(info["wall_s"], 1) if "wall_s" in info else None
+        machines += [info["machine"]] if info.get("machine") else []
         runs.append(rec)
     methods = {}
     for method in dict.fromkeys(r["method"] for r in runs):
@@ -331,7 +352,8 @@ def summarize(out: str, meta: dict | None = None) -> dict:
             "n_defined": sum(_defined(r) for r in rs),
         }
     walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
-    meta = {**(meta or {}), "machine": machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
+    # the machine(s) the runs ran on (their study.json), not the one writing this summary
+    meta = {**(meta or {}), "machine": " | ".join(dict.fromkeys(machines)) or machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
     return {"runs": runs, "methods": methods, "meta": meta}
 
 
@@ -343,10 +365,11 @@ def first_step(d: str) -> dict:
 
 def summarize_sweep(out: str, levels: list[tuple[float, int | None]], meta: dict | None = None) -> dict:
     """OUT/summary.json of a sweep: every level's first-study summary, flattened (see the docstring)."""
-    runs, by_level = [], {}
+    runs, by_level, machines = [], {}, []
     for level, steps in levels:
         ld = level_dir(out, level)
-        sub = summarize(ld) if os.path.isdir(ld) else {"runs": [], "methods": {}}
+        sub = summarize(ld) if os.path.isdir(ld) else {"runs": [], "methods": {}, "meta": {}}
+        machines += sub["meta"].get("machine", "").split(" | ") if sub["runs"] else []
         zv, aw = [], []
         for r in sub["runs"]:
             rec0 = first_step(run_dir(ld, r["method"], r["seed"]))
@@ -357,7 +380,7 @@ def summarize_sweep(out: str, levels: list[tuple[float, int | None]], meta: dict
         by_level[f"{level:g}"] = {"level": level, "steps": steps, "frac_zero_var0": sum(zv) / len(zv) if zv else None,
                                   "frac_all_wrong0": sum(aw) / len(aw) if aw else None, "methods": sub["methods"]}  # fmt: skip
     walls = [r["wall_s"] for r in runs if r["wall_s"] is not None]
-    meta = {**(meta or {}), "machine": machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
+    meta = {**(meta or {}), "machine": " | ".join(dict.fromkeys(machines)) or machine(), "total_run_wall_s": round(sum(walls), 1) if walls else None}
     return {"runs": runs, "levels": by_level, "meta": meta}
 
 
@@ -365,15 +388,15 @@ def sweep_table(summary: dict) -> str:
     """The README table of a sweep: one row per level and method."""
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     lines = [
-        "| level | frac_zero_var at step 0 | method | seeds | peak held-out acc | speedup vs GRPO (median) | per seed | reached GRPO's best |",
-        "|---|---|---|---|---|---|---|---|",
+        "| level | frac_zero_var at step 0 | method | seeds | peak held-out acc | final acc | speedup vs GRPO (median) | per seed | reached GRPO's best |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, lv in summary["levels"].items():
         for method, m in lv["methods"].items():
             rs = [r for r in summary["runs"] if r["method"] == method and f"{r['level']:g}" == key]
             per = " / ".join(f"{r['speedup']:.1f}x" if r["speedup"] is not None else "never" if _defined(r) else "n/a" for r in rs)
             sp = "-" if m["speedup_median"] is None else f"{m['speedup_median']:.2f}x"
-            lines.append(f"| {key} | {f(lv['frac_zero_var0'], 2)} | {method} | {m['n_seeds']} | {f(m['peak_acc_median'])} | {sp} | {per} | {m['n_reached']}/{m['n_defined']} |")
+            lines.append(f"| {key} | {f(lv['frac_zero_var0'], 2)} | {method} | {m['n_seeds']} | {f(m['peak_acc_median'])} | {f(m['final_acc_median'])} | {sp} | {per} | {m['n_reached']}/{m['n_defined']} |")
     lines.append("")
     lines.append("Medians over seeds; speedup as in the first study (never = counted as 0 in the median).")
     return "\n".join(lines)
@@ -511,7 +534,7 @@ def plot(out: str, smooth: int = 5) -> list[str]:
 
 
 def plot_sweep(out: str, summary: dict, smooth: int = 5) -> list[str]:
-    """OUT/plots/{accuracy_per_level,speedup_vs_sparsity,token_term}.png of a sweep ([] without matplotlib)."""
+    """OUT/plots/{accuracy_per_level,speedup_vs_sparsity,token_term,accuracy_per_seed}.png of a sweep ([] without matplotlib)."""
     try:
         import matplotlib
 
@@ -582,8 +605,34 @@ def plot_sweep(out: str, summary: dict, smooth: int = 5) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("mean over tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     save(fig, "token_term")
+
+    # Every seed's held-out accuracy: one row per method, one column per level; a thin line per
+    # seed (a mean and band hide a method that works in some seeds and collapses in others),
+    # GRPO's mean over seeds as the grey reference.
+    methods = [m for m in METHODS if any(r["method"] == m for r in summary["runs"])]
+    fig, axes = plt.subplots(len(methods), len(levels), figsize=(4.0 * len(levels), 2.3 * len(methods)), squeeze=False, sharey=True)
+    for i, method in enumerate(methods):
+        for ax, lv in zip(axes[i], levels):
+            runs = per_level[lv["level"]]
+            xs, mean, _, _ = series(runs, "grpo", "evals", "eval_acc", 1)
+            if xs and method != "grpo":
+                ax.plot(xs, mean, "--", color=COLORS["grpo"], lw=1.2, label="grpo (mean)")
+            for (m, seed), run in sorted(runs.items()):
+                if m == method and run["evals"]:
+                    steps = sorted(run["evals"])
+                    ax.plot(steps, [run["evals"][k]["eval_acc"] for k in steps], color=COLORS.get(method), lw=0.9, alpha=0.8)
+            ax.set_title(f"{method}, {title(lv)}", fontsize=8)
+            ax.grid(alpha=0.3)
+            if i == len(methods) - 1:
+                ax.set_xlabel("step")
+            if ax is axes[i][0]:
+                ax.set_ylabel("held-out acc")
+            if method != "grpo" and xs:
+                ax.legend(fontsize=6, loc="upper left")
+    save(fig, "accuracy_per_seed")
     return paths
 
 
@@ -638,15 +687,16 @@ def main_sweep(args: argparse.Namespace) -> dict:
         summary = json.load(open(path))
         print(sweep_table(summary))
         return summary
-    t0 = time.time()
+    t0, ran = time.time(), 0
     for level, steps in levels:
         sub = level_args(args, level, steps)
         if not args.plots_only:
             print(f"=== level {level:g}: {sub.steps or 'default'} steps, out {sub.out}")
-        main(sub)  # the level's own summary.json, plots and table
+        ran += run_study(sub)[1]  # the level's own summary.json, plots and table
     prev = json.load(open(path)).get("meta", {}) if os.path.isfile(path) else {}
-    meta = prev if args.plots_only else {**prev, "levels": args.levels, "train_args": args.train_args, "eval_every": args.eval_every, "jobs": args.jobs,
-                                         "threads": args.threads, "study_wall_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    meta = prev if args.plots_only else {**prev, "levels": args.levels, "train_args": args.train_args, "eval_every": args.eval_every, "jobs": args.jobs, "threads": args.threads}
+    if ran:  # a call that only skipped finished runs keeps the wall time of the call that ran them
+        meta.update(study_wall_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"), runs_timed=ran)
     summary = summarize_sweep(args.out, levels, meta)
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
@@ -663,16 +713,22 @@ def main(args: argparse.Namespace) -> dict:
     path = os.path.join(args.out, "summary.json")
     if args.table:
         summary = json.load(open(path))
-        print(markdown_table(summary))
+        print(sweep_table(summary) if "levels" in summary else markdown_table(summary))  # a sweep's OUT without --levels
         return summary
+    return run_study(args)[0]
+
+
+def run_study(args: argparse.Namespace) -> tuple[dict, int]:
+    """One study directory: the runs not done yet, then summary.json, plots and table.
+    Returns (summary, how many runs this call ran)."""
+    args = normalize(args)
+    path = os.path.join(args.out, "summary.json")
     t0 = time.time()
-    if not args.plots_only:
-        run_all(args)
+    ran = 0 if args.plots_only else run_all(args)
     prev = json.load(open(path)).get("meta", {}) if os.path.isfile(path) else {}
     meta = {**prev, "train_args": args.train_args, "steps": args.steps, "eval_every": args.eval_every, "jobs": args.jobs, "threads": args.threads} if not args.plots_only else prev
-    if not args.plots_only:
-        meta["study_wall_s"] = round(time.time() - t0, 1)
-        meta["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    if ran:  # a call that only skipped finished runs keeps the wall time of the call that ran them
+        meta.update(study_wall_s=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d %H:%M:%S"), runs_timed=ran)
     summary = summarize(args.out, meta)
     os.makedirs(args.out, exist_ok=True)
     with open(path, "w") as f:
@@ -680,7 +736,7 @@ def main(args: argparse.Namespace) -> dict:
     paths = plot(args.out, args.smooth)
     print(f"\nwrote {path}" + (f" and {len(paths)} plots in {os.path.join(args.out, 'plots')}" if paths else ""))
     print(markdown_table(summary))
-    return summary
+    return summary, ran
 
 
 if __name__ == "__main__":

@@ -467,6 +467,23 @@ def quantile(x: torch.Tensor, q: float) -> float:
     return a if frac == 0 else a + frac * (float(x.kthvalue(min(lo + 2, n)).values) - a)
 
 
+ALL_WRONG_STEPS = 10  # consecutive all-wrong steps with the token term on before all_wrong_watch warns
+
+
+def all_wrong_watch(streak: int, rec: dict, steps: int = ALL_WRONG_STEPS) -> tuple[int, str | None]:
+    """The collapse the lab sparsity study found (README "The lab study, part 2", item 5): every
+    group all-wrong, so A_seq = 0 and the token term is the only signal, for `steps` steps in a
+    row. Returns (the new streak, a warning the step it reaches `steps`, else None). A streak
+    counts steps with frac_all_wrong == 1 and a nonzero token term; anything else resets it."""
+    on = rec.get("frac_all_wrong") == 1.0 and (rec.get("tok_term_abs_mean") or 0.0) > 0.0
+    streak = streak + 1 if on else 0
+    if streak != steps:
+        return streak, None
+    return streak, (f"step {rec['step']}: WARNING every group has been all-wrong for {steps} steps with the token term on: A_seq is 0, "
+                    f"so -lambda*phi(u) is the only signal (u_mean {rec.get('u_mean')}, truncated {rec.get('truncated_frac')}); "
+                    "in the lab this is how the paper recipe collapses (README, lab study part 2)")  # fmt: skip
+
+
 def save_checkpoint(args, model, tokenizer, opt, gate, state, step, gen, D, pick=None) -> str:
     """Write OUT/checkpoint-<step> atomically: a temp dir, then one rename. Every rank calls it
     (TP / FSDP: the model is gathered to rank 0, which writes it; each rank writes its optimizer
@@ -732,6 +749,7 @@ def main(args: argparse.Namespace) -> dict:
     print(header)
     bar = tqdm(range(start, args.steps), desc=f"RL ({args.method})", initial=start, total=args.steps, disable=None if D.is_main else True)
     step = start
+    all_wrong = 0  # all_wrong_watch's streak (restarts at 0 on resume: it only prints a warning)
     for step in range(start + 1, args.steps + 1):
         t0, c0 = time.time(), time.process_time()  # wall and this process's CPU time (the CPU one ignores other jobs' load)
         if device.type == "cuda":
@@ -897,6 +915,9 @@ def main(args: argparse.Namespace) -> dict:
 
             rec["frac_search"] = D.sum(sum(lab.classify(t) == "search" for t in texts)) / len(rewards)
         log(rec)
+        all_wrong, warning = all_wrong_watch(all_wrong, rec, ALL_WRONG_STEPS)
+        if warning and D.is_main:
+            tqdm.write(warning)
         gate_word = "   -" if rec["gate_open"] is None else "open" if rec["gate_open"] else "warm" if was_warming else "shut"
         f = lambda v, w, p=3: f"{v:{w}.{p}f}" if isinstance(v, (int, float)) and v is not None and math.isfinite(v) else " " * (w - 1) + "-"  # noqa: E731
         tqdm.write(

@@ -62,8 +62,12 @@ def test_study_end_to_end_writes_summary_plots_and_resumes(tmp_path, capsys):
     # an existing study is never silently overwritten; --skip-existing skips finished runs
     with pytest.raises(SystemExit, match="--skip-existing"):
         study_main(*base, "--", *FAST)
+    wall = on_disk["meta"]["study_wall_s"]
+    assert on_disk["meta"]["runs_timed"] == 2 and wall > 0
     study_main(*base, "--skip-existing", "--", *FAST)
     assert "grpo s0: done, skipped" in capsys.readouterr().out
+    # a call that ran nothing keeps the wall time of the call that ran the runs
+    assert json.load(open(os.path.join(out, "summary.json")))["meta"]["study_wall_s"] == wall
     # --plots-only and --table read what is on disk
     os.remove(os.path.join(out, "summary.json"))
     study_main("--out", out, "--plots-only")
@@ -83,12 +87,40 @@ def test_parallel_subprocess_runs_and_resume_of_a_cut_run(tmp_path, capsys):
     import shutil
 
     shutil.rmtree(os.path.join(out, "sd", "s0", "checkpoint-2"))
+    mpath = os.path.join(out, "sd", "s0", "metrics.jsonl")  # killed before the final eval: its record is not there
+    lines = [ln for ln in open(mpath).read().splitlines() if not ('"eval_acc"' in ln and json.loads(ln)["step"] == 2)]
+    open(mpath, "w").write("\n".join(lines) + "\n")
     capsys.readouterr()
     summary = study_main("--methods", "sd,revkl", *common, "--skip-existing", "--", *FAST, "--save-every", "1")
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "revkl s0: done, skipped" in printed
     assert {r["method"]: r["final_step"] for r in summary["runs"]} == {"sd": 2, "revkl": 2}
     assert all(r["speedup"] is None for r in summary["runs"])  # no GRPO run: undefined
+
+
+def test_finished_runs_without_checkpoints_are_done_and_unfinished_ones_are_moved_aside(tmp_path, capsys):
+    """results/ in git holds finished runs without their checkpoints: --skip-existing must skip
+    them, not rerun them; an unfinished run without a checkpoint is rerun, its files kept aside."""
+    out = str(tmp_path / "lab")
+    common = ["--methods", "grpo", "--seeds", "0,1", "--steps", "1", "--eval-every", "0", "--out", out]
+    study_main(*common, "--", *FAST)
+    import glob
+    import shutil
+
+    for ck in glob.glob(os.path.join(out, "grpo", "s*", "checkpoint-*")):
+        shutil.rmtree(ck)  # as committed: no weights
+    m1 = os.path.join(out, "grpo", "s1", "metrics.jsonl")
+    first = open(m1).read().splitlines()[0]
+    open(m1, "w").write(first + "\n")  # s1: only its step-0 eval, killed in step 1
+    before = open(os.path.join(out, "grpo", "s0", "metrics.jsonl")).read()
+    capsys.readouterr()
+    study_main(*common, "--skip-existing", "--", *FAST)
+    printed = capsys.readouterr().out
+    assert "grpo s0: done, skipped" in printed and open(os.path.join(out, "grpo", "s0", "metrics.jsonl")).read() == before
+    (aside,) = glob.glob(os.path.join(out, "grpo", "s1.broken-*"))
+    assert "moved to" in printed and open(os.path.join(aside, "metrics.jsonl")).read().count("\n") == 1
+    assert study.finished_metrics(os.path.join(out, "grpo", "s1"), 1)  # rerun to the end
+    assert [r["seed"] for r in json.load(open(os.path.join(out, "summary.json")))["runs"]] == [0, 1]  # the aside dir is no run
 
 
 def _fake_run(out, method, seed, evals):
@@ -143,11 +175,13 @@ def test_sparsity_sweep_smoke_levels_budgets_summary_and_plots(tmp_path, capsys)
     steps = study.read_run(os.path.join(out, "L0.9", "antisd-official", "s0"))["steps"]
     assert all(rec["tok_term_abs_mean"] >= 0 and rec["seq_adv_abs_mean"] >= 0 for rec in steps.values())
     if HAVE_MPL:
-        for name in ("accuracy_per_level", "speedup_vs_sparsity", "token_term"):
+        for name in ("accuracy_per_level", "speedup_vs_sparsity", "token_term", "accuracy_per_seed"):
             assert os.path.getsize(os.path.join(out, "plots", f"{name}.png")) > 1000, name
     capsys.readouterr()
     study_main(*argv, "--table")
     assert "| 0.9 |" in capsys.readouterr().out
+    study_main("--table", "--out", out)  # a sweep's summary read without --levels: the sweep table
+    assert "| 0.9 | " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--levels"):
         study_main("--levels", "1.2:5", "--out", out, "--plots-only")
 
@@ -169,6 +203,6 @@ def test_sweep_summary_reads_each_level_and_its_step0_sparsity(tmp_path):
     assert {(r["level"], r["method"], r["speedup"]) for r in s["runs"]} == {(0.5, "grpo", 1.0), (0.5, "antisd", 2.0), (0.9, "grpo", 1.0), (0.9, "antisd", 2.0)}
     assert "| 0.9 | 0.75 | antisd | 1 |" in study.sweep_table(s)
     if HAVE_MPL:
-        assert [os.path.basename(p) for p in study.plot_sweep(out, s, smooth=1)] == ["accuracy_per_level.png", "speedup_vs_sparsity.png", "token_term.png"]
+        assert [os.path.basename(p) for p in study.plot_sweep(out, s, smooth=1)] == ["accuracy_per_level.png", "speedup_vs_sparsity.png", "token_term.png", "accuracy_per_seed.png"]
     with pytest.raises(SystemExit, match="bad entry"):
         study.parse_levels("0.5:x")

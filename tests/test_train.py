@@ -397,3 +397,22 @@ def test_a_bf16_lab_run_stays_bf16_through_the_warm_start_cache_and_resumes(tmp_
         assert {v.dtype for v in sd.values()} == {torch.bfloat16}, out
     _, steps, _ = run(tmp_path, "--steps", "2", "--eval-every", "0", "--dtype", "bfloat16", "--resume", out="b")
     assert steps[-1]["step"] == 2
+
+
+def test_all_wrong_watch_counts_all_wrong_steps_with_the_token_term_on():
+    rec = lambda step, aw, tok: {"step": step, "frac_all_wrong": aw, "tok_term_abs_mean": tok, "u_mean": -3.0, "truncated_frac": 1.0}  # noqa: E731
+    streak, out = 0, []
+    for step, (aw, tok) in enumerate([(1.0, 0.1), (1.0, 0.1), (0.875, 0.1), (1.0, 0.1), (1.0, 0.0), (1.0, 0.2), (1.0, 0.2), (1.0, 0.2), (1.0, 0.2)], 1):
+        streak, w = train.all_wrong_watch(streak, rec(step, aw, tok), steps=3)
+        out.append((streak, w is not None))
+    # a mixed group or a token term of 0 (GRPO, a shut gate) resets the streak; it warns once, at 3
+    assert out == [(1, False), (2, False), (0, False), (1, False), (0, False), (1, False), (2, False), (3, True), (4, False)]
+    assert "all-wrong for 3 steps" in train.all_wrong_watch(2, rec(7, 1.0, 0.2), steps=3)[1]
+
+
+def test_all_wrong_run_warns_once_the_streak_is_reached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.Task, "grade", lambda self, texts, answers: [0.0] * len(texts))  # every rollout wrong
+    monkeypatch.setattr(train, "ALL_WRONG_STEPS", 2)
+    _, steps, _ = run(tmp_path, "--steps", "3", "--eval-every", "0", "--gate", "none")  # gate none: the token term is on from step 1
+    assert all(r["frac_all_wrong"] == 1.0 and r["seq_adv_abs_mean"] == 0.0 and r["tok_term_abs_mean"] > 0 for r in steps)
+    assert capsys.readouterr().out.count("all-wrong for 2 steps") == 1
