@@ -65,6 +65,7 @@ def get_parser():
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1.0 = off); default 0.95 (lab 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="skip (and list) problems whose prompt is longer; prompts that leave no room for --max-new-tokens in the model's context are always skipped so")
     g.add_argument("--max-new-tokens", type=int, default=None, help=f"response length limit in tokens; default {MAX_NEW_TOKENS} (the paper trains up to 32K; lab 96)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per sampler call (problems x samples); default: as many as fit in free GPU memory at full length, at most 64 (64 on CPU)")
     g.add_argument("--enable-thinking", default="off", choices=["default", "on", "off"],
@@ -176,7 +177,7 @@ def auto_batch_size(model, prompt_len, max_new_tokens, cap=64):
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_k=0, max_new_tokens,
              batch_size=None, generator=None, enable_thinking=None, grader=grading.grade, grade_workers=None,
-             progress=True, desc="eval", prompt_fn=None):  # fmt: skip
+             progress=True, desc="eval", prompt_fn=None, max_prompt_tokens=None):  # fmt: skip
     """Sample k responses per problem and grade them.
 
     problems: [{"id", "problem", "answer"}] (data.load_problems).
@@ -185,8 +186,13 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
         (data.format_prompt); the lab bench passes its own.
     grader: grader(response, answer) -> float; the default grading.grade is run in batch
         through grading.grade_many (a process pool).
+    max_prompt_tokens: problems whose prompt is longer are not sampled; they are printed and
+        listed in "skipped", and n and avg@k are over the others. Whatever it is, a prompt
+        that leaves no room for max_new_tokens in the model's context
+        (config.max_position_embeddings) is skipped so: its positions would be past the
+        trained range. No problem left: ValueError.
     Returns {"k", "n", "avg", "pass" {m: %}, "truncated" (%), "mean_length" (tokens),
-             "per_problem" [{"id", "correct"}], "samples" [records], "seconds"}.
+             "per_problem" [{"id", "correct"}], "samples" [records], "skipped" [ids], "seconds"}.
     """
     import model as model_lib  # the project's model code and sampler; imported here so grading-only users need neither
     import rollout
@@ -199,6 +205,7 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
     if prompt_fn is None:
         prompt_fn = lambda tok, p: data.format_prompt(tok, p["problem"], enable_thinking=enable_thinking)  # noqa: E731
     prompts = [prompt_fn(tokenizer, p) for p in problems]
+    problems, prompts, skipped = _fitting(model, problems, prompts, max_prompt_tokens, max_new_tokens, desc)
     # a template that opens <think> in the prompt: the grader must see it (see data.think_prefix)
     prefixes = [data.think_prefix(tokenizer, ids) for ids in prompts]
     eos = model_lib.stop_token_ids(model, tokenizer)  # the same stop ids and ...
@@ -248,8 +255,31 @@ def evaluate(model, tokenizer, problems, *, k, temperature=0.7, top_p=0.95, top_
         "truncated": 100.0 * sum(not r["finished"] for r in samples) / n_all,
         "mean_length": sum(r["length"] for r in samples) / n_all,
         "per_problem": [{"id": p["id"], "correct": c} for p, c in zip(problems, metrics["counts"])],
-        "samples": samples, "seconds": time.time() - t0,
+        "samples": samples, "skipped": skipped, "seconds": time.time() - t0,
     }  # fmt: skip
+
+
+class PromptsTooLong(ValueError):
+    """No problem of a benchmark has a prompt that fits (evaluate's max_prompt_tokens)."""
+
+
+def _fitting(model, problems, prompts, max_prompt_tokens, max_new_tokens, desc):
+    """(problems, prompts, skipped ids): drop the problems whose prompt is over the limit (see
+    evaluate's docstring), saying how many and why; every one over it: ValueError."""
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    limits = [x for x in (max_prompt_tokens, ctx - max_new_tokens if ctx else None) if x is not None]
+    if not limits:
+        return problems, prompts, []
+    limit = min(limits)
+    keep = [i for i, ids in enumerate(prompts) if len(ids) <= limit]
+    skipped = [problems[i]["id"] for i in range(len(problems)) if len(prompts[i]) > limit]
+    why = f"--max-prompt-tokens {max_prompt_tokens}" if limit == max_prompt_tokens else f"the model's {ctx}-token context minus --max-new-tokens {max_new_tokens}"
+    if not keep:
+        raise PromptsTooLong(f"{desc}: every prompt is longer than {limit} tokens ({why}; the shortest has {min(map(len, prompts))})")
+    if skipped:
+        print(f"[eval] {desc}: skipped {len(skipped)} of {len(problems)} problems whose prompt exceeds {limit} tokens ({why}), "
+              f"e.g. id {skipped[0]}; n and avg@k are over the other {len(keep)}")  # fmt: skip
+    return [problems[i] for i in keep], [prompts[i] for i in keep], skipped
 
 
 def load_benchmarks(specs, *, k=None, limit=None, verbose=True):
@@ -305,6 +335,9 @@ def format_table(result, model_name=""):
     for name, r in benches.items():
         cells = "".join(f"{r['pass'][m]:8.1f}" if m in r["pass"] else f"{'':>8}" for m in ms)
         lines.append(f"{name:<12}{r['n']:>5}{r['k']:>4}{r['avg']:8.1f}{cells}{r['truncated']:8.1f}{r['mean_length']:8.0f}")
+    for name, r in benches.items():
+        if r.get("skipped"):
+            lines.append(f"  {name}: {len(r['skipped'])} problems skipped, prompt too long (not in n): {', '.join(map(str, r['skipped'][:5]))}{' ...' if len(r['skipped']) > 5 else ''}")
     lines.append("")
     names = list(benches)
     lines.append(" | ".join(["model"] + names + ["Avg"]))
@@ -406,6 +439,7 @@ def check_args(args):
         (args.limit is None or args.limit >= 1, "--limit must be >= 1"),
         (args.batch_size is None or args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.max_new_tokens is None or args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.max_prompt_tokens is None or args.max_prompt_tokens >= 1, "--max-prompt-tokens must be >= 1"),
         (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
         (args.top_p is None or 0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
@@ -482,11 +516,15 @@ def main(args):
     thinking = {"default": None, "on": True, "off": False}[args.enable_thinking]
     if not args.quiet:
         print(f"eval: {args.model} on {device}, thinking {args.enable_thinking}")
-    result = run_benchmarks(
-        model, tok, benches, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generator=gen,
-        enable_thinking=thinking, grade_workers=args.grade_workers, progress=not args.quiet,
-    )  # fmt: skip
+    try:
+        result = run_benchmarks(
+            model, tok, benches, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, generator=gen,
+            enable_thinking=thinking, grade_workers=args.grade_workers, progress=not args.quiet,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )  # fmt: skip
+    except PromptsTooLong as e:  # every prompt of a benchmark over the limit: say which, no traceback
+        raise SystemExit(f"eval.py: --bench {e}") from None
     if not args.quiet and not sys.stderr.isatty():  # a log file keeps the cleared bar's line: end it
         print(file=sys.stderr, flush=True)
     print(format_table(result, args.model), flush=True)

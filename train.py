@@ -603,7 +603,8 @@ def evaluate(args, task, model, tokenizer, step: int, benches=None, D=None) -> d
                                           batch_size=args.sample_rows if D.mode == "tp" else None)  # fmt: skip
     per = {}
     for name, b in mine.items():  # the same order on every rank (collectives)
-        r, n = res["benches"].get(name), len(b["problems"]) * b["k"]
+        r = res["benches"].get(name)
+        n = r["n"] * r["k"] if r else 0  # samples this rank graded (evaluate skips prompts past the context)
         per[name] = r["avg"] if D.dp_size == 1 else 100.0 * D.sum(r["avg"] / 100.0 * n if r else 0.0) / D.sum(n)
     return {"eval_acc": sum(per.values()) / len(per) / 100.0, **{f"eval_{k}": v for k, v in per.items()}}
 

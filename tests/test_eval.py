@@ -3,11 +3,13 @@
 import itertools
 import json
 import os
+import types
 
 import pytest
 import torch
 
 import eval as ev
+import data
 import rollout
 from model import build_tiny_tokenizer
 
@@ -201,6 +203,36 @@ def test_evaluate_custom_grader(monkeypatch):
     monkeypatch.setattr(rollout, "sample", scripted_sampler(tok, []))
     r = ev.evaluate(_Stub(), tok, PROBLEMS[:1], k=2, max_new_tokens=50, progress=False, grader=lambda resp, ans: ans in resp)
     assert [s["correct"] for s in r["samples"]] == [1.0, 1.0]  # a substring grader, as asked
+
+
+def test_evaluate_skips_and_lists_prompts_over_the_limit(monkeypatch, capsys):
+    tok = build_tiny_tokenizer()
+    calls = []
+    monkeypatch.setattr(rollout, "sample", scripted_sampler(tok, calls))
+    long_p1 = [PROBLEMS[0], {**PROBLEMS[1], "problem": "Beta? " + "and so on " * 60}, PROBLEMS[2]]
+    lens = [len(data.format_prompt(tok, p["problem"])) for p in long_p1]
+    limit = max(lens[0], lens[2])
+    assert lens[1] > limit
+    r = ev.evaluate(_Stub(), tok, long_p1, k=2, max_new_tokens=50, progress=False, grade_workers=0, max_prompt_tokens=limit)
+    assert r["n"] == 2 and r["skipped"] == ["p1"] and [p["id"] for p in r["per_problem"]] == ["p0", "p2"]
+    assert sum(c[0] * c[1] for c in calls) == 4  # p1 was never sampled
+    assert "skipped 1 of 3 problems" in capsys.readouterr().out
+    assert "1 problems skipped" in ev.format_table({"benches": {"b": r}, "Avg": r["avg"]})
+    # the model's context bounds the prompt too: room for max_new_tokens, whatever the flag
+    stub = _Stub()
+    stub.config = types.SimpleNamespace(max_position_embeddings=limit + 50)
+    assert ev.evaluate(stub, tok, long_p1, k=1, max_new_tokens=50, progress=False, grade_workers=0)["skipped"] == ["p1"]
+    stub.config.max_position_embeddings = min(lens) + 49
+    with pytest.raises(ev.PromptsTooLong, match="context minus --max-new-tokens 50"):
+        ev.evaluate(stub, tok, long_p1, k=1, max_new_tokens=50, progress=False, grade_workers=0)
+
+
+def test_cli_every_prompt_too_long_is_a_clear_error(capsys):
+    argv = ["--model", "tiny", "--bench", f"{FIX}/tiny_eval.jsonl", "--k", "1", "--max-new-tokens", "4", "--limit", "2", "--quiet", "--grade-workers", "0"]
+    with pytest.raises(SystemExit, match=r"eval.py: --bench tiny_eval: every prompt is longer than 3 tokens \(--max-prompt-tokens 3"):
+        ev.main(ev.get_parser().parse_args([*argv, "--max-prompt-tokens", "3"]))
+    with pytest.raises(SystemExit, match="--max-prompt-tokens must be >= 1"):
+        ev.main(ev.get_parser().parse_args([*argv, "--max-prompt-tokens", "0"]))
 
 
 # --- end to end on the tiny model ------------------------------------------------------
