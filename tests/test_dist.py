@@ -179,7 +179,7 @@ def test_fsdp_evaluation_splits_the_problems_over_ranks(monkeypatch, rank):
 
     def run_benchmarks(model, tok, benches, **k):
         seen.append({n: [p["id"] for p in b["problems"]] for n, b in benches.items()})
-        return {"benches": {n: {"avg": 40.0} for n in benches}, "Avg": 40.0}
+        return {"benches": {n: {"avg": 40.0, "n": len(b["problems"]), "k": b["k"]} for n, b in benches.items()}, "Avg": 40.0}  # as evaluate's
 
     monkeypatch.setattr(lab, "evaluate", lab_eval)
     monkeypatch.setattr(eval_lib, "run_benchmarks", run_benchmarks)
