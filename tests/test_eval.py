@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-import eval as ev
 import data
+import eval as ev
 import rollout
 from model import build_tiny_tokenizer
 
